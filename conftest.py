@@ -1,0 +1,88 @@
+"""Suite-wide set-up: interpreter on CPU, markers, seeds, GPU name for pytest-benchmark."""
+
+from __future__ import annotations
+
+import os
+import random
+import zlib
+
+import pytest
+import torch
+
+import kernels  # noqa: F401  (first: sets TRITON_INTERPRET=1 when there is no GPU)
+
+HAS_GPU = torch.cuda.is_available()
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--seed",
+        type=int,
+        default=None,
+        help="base seed for every test's RNG (default: FUSIONGUARD_SEED, else fresh each run)",
+    )
+
+
+def _base_seed(config) -> int:
+    seed = config.getoption("--seed")
+    if seed is None and os.environ.get("FUSIONGUARD_SEED"):
+        seed = int(os.environ["FUSIONGUARD_SEED"])
+    if seed is None:
+        # Fresh inputs every run (a kernel must be right on any valid input), but printed
+        # in the header so that a failure can be replayed with --seed.
+        seed = random.SystemRandom().randrange(2**31)
+    return seed
+
+
+def pytest_configure(config):
+    config._fusionguard_seed = _base_seed(config)
+
+
+def pytest_report_header(config):
+    mode = f"CUDA ({torch.cuda.get_device_name()})" if HAS_GPU else "CPU, Triton interpreter"
+    return [
+        f"fusionguard: base seed {config._fusionguard_seed} (replay with --seed); "
+        f"kernels on {mode}",
+    ]
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_GPU:
+        return
+    skip_gpu = pytest.mark.skip(
+        reason="needs a CUDA GPU (on CPU the suite runs Triton kernels through the interpreter; "
+        "run this on a GPU runner: tox -e gpu)"
+    )
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def seeded_rng(request) -> int:
+    """Seed torch and random per test: base seed mixed with the test id."""
+    seed = (request.config._fusionguard_seed + zlib.crc32(request.node.nodeid.encode())) % 2**31
+    torch.manual_seed(seed)
+    random.seed(seed)
+    return seed
+
+
+@pytest.fixture
+def device() -> torch.device:
+    return torch.device("cuda" if HAS_GPU else "cpu")
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    from kernels.runtime import gpu_name, gpu_slug
+
+    machine_info["gpu"] = gpu_name()
+    machine_info["gpu_slug"] = gpu_slug()
+    machine_info["torch"] = torch.__version__
+    try:
+        import triton
+
+        machine_info["triton"] = triton.__version__
+    except ImportError:
+        machine_info["triton"] = None
+    if HAS_GPU:
+        machine_info["cuda"] = torch.version.cuda

@@ -1,0 +1,520 @@
+"""Fused attention output projection + residual add (DESIGN.md D1).
+
+    out = residual_weight * residual + attn_output @ o_proj_weight.T
+
+in ONE launch, accumulated in float32 and rounded once to the output dtype. It replaces the
+two kernels at the end of a Qwen3 attention block (o_proj GEMM, then the residual add). The
+saving is a launch and the ~2 KB intermediate per layer at decode, not bandwidth: both paths
+read the same 4.2 MB of weights per layer (N=1024, K=2048, bf16).
+
+Two code paths, chosen per call by M (token rows):
+- ``gemv``: small M (decode). Programs tile N finely so that every SM streams a slice of the
+  weight; the dot is a broadcast-multiply-reduce in float32 (no tensor-core minimum tile).
+- ``gemm``: larger M (prefill). A tiled ``tl.dot`` GEMM with the residual in the epilogue.
+
+The launch configuration comes from the tuned table for this GPU (kernels/configs/<gpu>.json,
+written by kernels/tune.py from real runs) or from a shape heuristic. Under the Triton
+interpreter (CPU) blocks are large because the interpreter pays per program and per loop
+iteration, and bf16 operands are upcast before ``tl.dot`` (triton issue 11584).
+
+File layout (Triton-tutorial style): kernels, launcher with input checks, torch references.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import numbers
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from kernels.runtime import INTERPRETING, gpu_slug
+
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+CONFIG_DIR = Path(__file__).with_name("configs")
+# The decode (GEMV) path handles up to this many rows; above it the tiled GEMM wins.
+GEMV_MAX_M = 16
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _gemv_residual_kernel(
+    x_ptr,
+    w_ptr,
+    r_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_xk,
+    stride_wn,
+    stride_wk,
+    stride_rm,
+    stride_rn,
+    stride_om,
+    stride_on,
+    residual_weight,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    """Small-M path: program (n, m) computes out[m-block, n-block] over the whole K."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_n = offs_n < N
+    mask_m = offs_m < M
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        w = tl.load(
+            w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+            mask=mask_n[:, None] & mask_k[None, :],
+            other=0.0,
+        )
+        if USE_PDL:
+            # Programmatic dependent launch: the weights do not depend on the previous
+            # kernel, so their loads are issued before waiting for it; the activations and
+            # the residual (its outputs) are read only after the wait. Later iterations
+            # return from the wait at once.
+            tl.extra.cuda.gdc_wait()
+        x = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+            mask=mask_m[:, None] & mask_k[None, :],
+            other=0.0,
+        )
+        prod = x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+        acc += tl.sum(prod, axis=2)
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+    mask = mask_m[:, None] & mask_n[None, :]
+    r = tl.load(r_ptr + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn, mask=mask)
+    out = acc + residual_weight * r.to(tl.float32)
+    tl.store(
+        out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
+        out.to(out_ptr.dtype.element_ty),
+        mask=mask,
+    )
+
+
+@triton.jit
+def _gemm_residual_kernel(
+    x_ptr,
+    w_ptr,
+    r_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_xk,
+    stride_wn,
+    stride_wk,
+    stride_rm,
+    stride_rn,
+    stride_om,
+    stride_on,
+    residual_weight,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    IEEE_FP32: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    """Large-M path: tiled tl.dot GEMM, residual added in the epilogue."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    # Grouped ordering: consecutive programs share weight tiles in L2.
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    # W is [N, K]; the tile is read transposed as [BLOCK_K, BLOCK_N].
+    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = offs_k < K - k0
+        a = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if UPCAST_DOT:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if IEEE_FP32:  # noqa: SIM108  (constexpr branch: only one dot is compiled)
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+    mask = mask_m[:, None] & mask_n[None, :]
+    r = tl.load(r_ptr + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn, mask=mask)
+    out = acc + residual_weight * r.to(tl.float32)
+    tl.store(
+        out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
+        out.to(out_ptr.dtype.element_ty),
+        mask=mask,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Launch configurations
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """One launch configuration. ``path`` is "gemv" or "gemm"."""
+
+    path: str
+    BLOCK_M: int
+    BLOCK_N: int
+    BLOCK_K: int
+    num_warps: int = 4
+    num_stages: int = 1
+    GROUP_M: int = 8
+    pdl: bool = False
+
+    def __post_init__(self):
+        if self.path not in ("gemv", "gemm"):
+            raise ValueError(f"KernelConfig.path must be 'gemv' or 'gemm', got {self.path!r}")
+        for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps"):
+            value = getattr(self, name)
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"KernelConfig.{name} must be a power of two, got {value}")
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> KernelConfig:
+        return cls(**data)
+
+
+_config_override: KernelConfig | None = None
+_tuned_tables: dict[str, dict] = {}
+
+
+@contextlib.contextmanager
+def use_config(config: KernelConfig | None) -> Iterator[None]:
+    """Force every call inside the block to use ``config`` (tuning, planted regressions)."""
+    global _config_override
+    if config is not None and not isinstance(config, KernelConfig):
+        raise TypeError(f"config must be a KernelConfig or None, got {type(config).__name__}")
+    previous, _config_override = _config_override, config
+    try:
+        yield
+    finally:
+        _config_override = previous
+
+
+def m_bucket(M: int) -> int:
+    """Rows are bucketed by the next power of two; tuned tables are keyed by bucket."""
+    return 1 << max(0, (M - 1).bit_length())
+
+
+def _dtype_key(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def tuned_table(slug: str | None = None) -> dict:
+    """This GPU's tuned table ({} when none is committed)."""
+    slug = gpu_slug() if slug is None else slug
+    if slug not in _tuned_tables:
+        path = CONFIG_DIR / f"{slug}.json"
+        _tuned_tables[slug] = json.loads(path.read_text()) if path.exists() else {}
+    return _tuned_tables[slug]
+
+
+def _tuned_config(M: int, N: int, K: int, dtype: torch.dtype) -> KernelConfig | None:
+    if INTERPRETING:
+        return None
+    by_m = tuned_table().get("configs", {}).get(f"{N}x{K}", {}).get(_dtype_key(dtype))
+    if not by_m:
+        return None
+    buckets = sorted(int(b) for b in by_m)
+    bucket = m_bucket(M)
+    # Beyond the largest tuned bucket, the largest one's tiling is the closest guess.
+    chosen = next((b for b in buckets if b >= bucket), buckets[-1])
+    return KernelConfig.from_json(by_m[str(chosen)])
+
+
+def heuristic_config(M: int, N: int, K: int, dtype: torch.dtype) -> KernelConfig:
+    """A sound configuration for any shape when no tuned one applies."""
+    k_pow2 = triton.next_power_of_2(K)
+    if INTERPRETING:
+        # The interpreter pays per program and per loop iteration: few, fat programs
+        # (tiles stay under the 2**20-element limit).
+        if M <= GEMV_MAX_M:
+            block_m = m_bucket(M)
+            block_n = min(256, triton.next_power_of_2(N))
+            block_k = min(k_pow2, max(16, (1 << 20) // (block_m * block_n)))
+            return KernelConfig("gemv", block_m, block_n, block_k)
+        return KernelConfig(
+            "gemm",
+            min(128, triton.next_power_of_2(M)),
+            min(128, max(16, triton.next_power_of_2(N))),
+            min(512, max(16, k_pow2)),
+        )
+    if M <= GEMV_MAX_M:
+        block_m = m_bucket(M)
+        # Keep the [BLOCK_M, BLOCK_N, BLOCK_K] product at 8K elements per 4 warps.
+        block_n = 8 if block_m <= 2 else 4
+        block_k = min(k_pow2, max(64, 8192 // (block_m * block_n)))
+        return KernelConfig("gemv", block_m, block_n, block_k, num_warps=4)
+    if M <= 64:
+        return KernelConfig("gemm", 16 if M <= 16 else 32 if M <= 32 else 64, 64, 128, 4, 4)
+    return KernelConfig("gemm", 128, 128, 64, num_warps=8, num_stages=3)
+
+
+def select_config(M: int, N: int, K: int, dtype: torch.dtype) -> KernelConfig:
+    """The configuration a call will use: override, else tuned table, else heuristic."""
+    if _config_override is not None:
+        return _config_override
+    return _tuned_config(M, N, K, dtype) or heuristic_config(M, N, K, dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Launcher
+# --------------------------------------------------------------------------------------------
+
+
+def _pdl_supported(device: torch.device) -> bool:
+    return (
+        not INTERPRETING
+        and device.type == "cuda"
+        and torch.cuda.get_device_capability(device)[0] >= 9
+    )
+
+
+def _memory_span(t: torch.Tensor) -> tuple[int, int]:
+    """[first byte, last byte + 1) that ``t`` may touch."""
+    if t.numel() == 0:
+        return (t.data_ptr(), t.data_ptr())
+    extent = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride(), strict=True))
+    return (t.data_ptr(), t.data_ptr() + (extent + 1) * t.element_size())
+
+
+def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    (a0, a1), (b0, b1) = _memory_span(a), _memory_span(b)
+    return a0 < b1 and b0 < a1
+
+
+def _check_inputs(attn_output, residual, o_proj_weight, residual_weight, out) -> None:
+    named = {"attn_output": attn_output, "residual": residual, "o_proj_weight": o_proj_weight}
+    if out is not None:
+        named["out"] = out
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if attn_output.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"attn_output has dtype {attn_output.dtype}; supported: bfloat16, float16, float32"
+        )
+    for name, t in named.items():
+        if t.dtype != attn_output.dtype:
+            raise TypeError(
+                f"{name} has dtype {t.dtype} but attn_output has {attn_output.dtype}: "
+                "attn_output, residual, o_proj_weight and out must share one dtype"
+            )
+    for name, t in named.items():
+        if t.device != attn_output.device:
+            raise ValueError(
+                f"{name} is on {t.device} but attn_output is on {attn_output.device}: "
+                "all tensors must be on one device"
+            )
+    if attn_output.device.type == "cuda" and INTERPRETING:
+        raise RuntimeError(
+            "TRITON_INTERPRET=1 is set but the tensors are on CUDA: unset it to run compiled"
+        )
+    if attn_output.device.type != "cuda" and not INTERPRETING:
+        raise ValueError(
+            f"attn_output is on {attn_output.device}: the kernel needs CUDA tensors "
+            "(or TRITON_INTERPRET=1 set before importing kernels, to interpret on CPU)"
+        )
+    if o_proj_weight.dim() != 2:
+        raise ValueError(
+            f"o_proj_weight must be 2-D [N, K] (nn.Linear layout), got shape "
+            f"{tuple(o_proj_weight.shape)}"
+        )
+    N, K = o_proj_weight.shape
+    if K == 0:
+        raise ValueError("o_proj_weight has K=0 input features; expected K >= 1")
+    if attn_output.dim() < 1 or attn_output.shape[-1] != K:
+        raise ValueError(
+            f"attn_output has shape {tuple(attn_output.shape)} but o_proj_weight is [N={N}, "
+            f"K={K}]: expected attn_output[..., {K}]"
+        )
+    expected = (*attn_output.shape[:-1], N)
+    if tuple(residual.shape) != expected:
+        raise ValueError(
+            f"residual has shape {tuple(residual.shape)}; expected {expected} "
+            "(attn_output's leading dims, then o_proj_weight's N)"
+        )
+    if out is not None:
+        if tuple(out.shape) != expected:
+            raise ValueError(f"out has shape {tuple(out.shape)}; expected {expected}")
+        if 0 in out.stride() and out.numel() > 1:
+            raise ValueError("out has a zero stride (an expanded tensor): rows would overlap")
+        for name in ("attn_output", "o_proj_weight"):
+            if _overlaps(out, named[name]):
+                raise ValueError(f"out overlaps {name}: only out=residual may alias an input")
+        same_view = out.data_ptr() == residual.data_ptr() and out.stride() == residual.stride()
+        if _overlaps(out, residual) and not same_view:
+            raise ValueError("out partially overlaps residual: pass out=residual or a new tensor")
+    if isinstance(residual_weight, bool) or not isinstance(residual_weight, numbers.Real):
+        raise TypeError(
+            f"residual_weight must be a real number, got {type(residual_weight).__name__}"
+        )
+    if not math.isfinite(residual_weight):
+        raise ValueError(f"residual_weight must be finite, got {residual_weight}")
+
+
+def _rows(t: torch.Tensor, name: str, K: int, *, writable: bool) -> torch.Tensor:
+    """[..., K] -> [M, K]. Inputs may be copied when not viewable; ``out`` must be a view."""
+    try:
+        return t.view(-1, K)
+    except RuntimeError:
+        if writable:
+            raise ValueError(
+                f"{name} with shape {tuple(t.shape)} and strides {t.stride()} cannot be viewed "
+                f"as [rows, {K}]: pass a tensor whose leading dims can be flattened"
+            ) from None
+        return t.reshape(-1, K)
+
+
+def _check_32bit_indexing(**tensors: torch.Tensor) -> None:
+    for name, t in tensors.items():
+        (start, end) = _memory_span(t)
+        if (end - start) // t.element_size() >= 2**31:
+            raise ValueError(f"{name} spans more than 2**31 elements: 32-bit indexing overflows")
+
+
+def fused_attn_output_residual(
+    attn_output: torch.Tensor,
+    residual: torch.Tensor,
+    o_proj_weight: torch.Tensor,
+    residual_weight: float = 1.0,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``residual_weight * residual + attn_output @ o_proj_weight.T`` in one launch (D1).
+
+    attn_output [..., K], residual [..., N], o_proj_weight [N, K]; returns [..., N] in the
+    inputs' dtype (bf16, fp16 or fp32). ``out`` may be ``residual`` (in place). Any strides
+    are taken for inputs; ``out`` must be viewable as [rows, N]. An empty batch returns an
+    empty result without a launch. NaN/inf propagate as in the formula.
+    """
+    _check_inputs(attn_output, residual, o_proj_weight, residual_weight, out)
+    N, K = o_proj_weight.shape
+    if out is None:
+        out = torch.empty(residual.shape, dtype=residual.dtype, device=residual.device)
+    if out.numel() == 0:
+        return out
+    x2 = _rows(attn_output, "attn_output", K, writable=False)
+    r2 = _rows(residual, "residual", N, writable=False)
+    o2 = _rows(out, "out", N, writable=True)
+    _check_32bit_indexing(attn_output=x2, residual=r2, o_proj_weight=o_proj_weight, out=o2)
+    M = x2.shape[0]
+    cfg = select_config(M, N, K, attn_output.dtype)
+    launch_kwargs = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    use_pdl = cfg.pdl and _pdl_supported(attn_output.device)
+    if use_pdl:
+        launch_kwargs["launch_pdl"] = True
+    args = (
+        x2,
+        o_proj_weight,
+        r2,
+        o2,
+        M,
+        N,
+        K,
+        x2.stride(0),
+        x2.stride(1),
+        o_proj_weight.stride(0),
+        o_proj_weight.stride(1),
+        r2.stride(0),
+        r2.stride(1),
+        o2.stride(0),
+        o2.stride(1),
+        float(residual_weight),
+    )
+    if cfg.path == "gemv":
+        grid = (triton.cdiv(N, cfg.BLOCK_N), triton.cdiv(M, cfg.BLOCK_M))
+        _gemv_residual_kernel[grid](
+            *args,
+            BLOCK_M=cfg.BLOCK_M,
+            BLOCK_N=cfg.BLOCK_N,
+            BLOCK_K=cfg.BLOCK_K,
+            USE_PDL=use_pdl,
+            **launch_kwargs,
+        )
+    else:
+        grid = (triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N),)
+        _gemm_residual_kernel[grid](
+            *args,
+            BLOCK_M=cfg.BLOCK_M,
+            BLOCK_N=cfg.BLOCK_N,
+            BLOCK_K=cfg.BLOCK_K,
+            GROUP_M=cfg.GROUP_M,
+            UPCAST_DOT=INTERPRETING and attn_output.dtype != torch.float32,
+            IEEE_FP32=attn_output.dtype == torch.float32,
+            USE_PDL=use_pdl,
+            **launch_kwargs,
+        )
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Torch references
+# --------------------------------------------------------------------------------------------
+
+
+def unfused_attn_output_residual(
+    attn_output: torch.Tensor,
+    residual: torch.Tensor,
+    o_proj_weight: torch.Tensor,
+    residual_weight: float = 1.0,
+) -> torch.Tensor:
+    """The path the fusion replaces: F.linear, then one add (two kernels), in the input dtype."""
+    return torch.add(F.linear(attn_output, o_proj_weight), residual, alpha=residual_weight)
+
+
+def attn_output_residual_float64(
+    attn_output: torch.Tensor,
+    residual: torch.Tensor,
+    o_proj_weight: torch.Tensor,
+    residual_weight: float = 1.0,
+) -> torch.Tensor:
+    """D2's reference: the same formula in float64 on upcast inputs (returned in float64)."""
+    x, r, w = (t.double() for t in (attn_output, residual, o_proj_weight))
+    return residual_weight * r + x @ w.T

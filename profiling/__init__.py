@@ -1,0 +1,1 @@
+"""What the suite measures with: markers, launch counts, throughput, baselines, the report."""
