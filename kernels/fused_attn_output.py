@@ -39,8 +39,8 @@ from kernels.runtime import INTERPRETING, gpu_slug
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 CONFIG_DIR = Path(__file__).with_name("configs")
-# The decode (GEMV) path handles up to this many rows; above it the tiled GEMM wins.
-GEMV_MAX_M = 16
+# Untuned shapes take the small-M (GEMV) path up to this many rows, the tiled GEMM above.
+GEMV_MAX_M = 64
 
 
 # --------------------------------------------------------------------------------------------
@@ -49,14 +49,32 @@ GEMV_MAX_M = 16
 
 
 @triton.jit
+def _residual_epilogue(
+    acc, r_ptr, out_ptr, offs_m, offs_n, M, N, stride_rm, stride_rn, stride_om, stride_on, rw
+):
+    """out = acc + rw * residual, rounded once to out's dtype."""
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    r = tl.load(r_ptr + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn, mask=mask)
+    out = acc + rw * r.to(tl.float32)
+    tl.store(
+        out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
+        out.to(out_ptr.dtype.element_ty),
+        mask=mask,
+    )
+
+
+@triton.jit
 def _gemv_residual_kernel(
     x_ptr,
     w_ptr,
     r_ptr,
     out_ptr,
+    partials_ptr,
+    arrivals_ptr,
     M,
     N,
     K,
+    k_per_split,
     stride_xm,
     stride_xk,
     stride_wn,
@@ -69,24 +87,45 @@ def _gemv_residual_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    IEEE_FP32: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    """Small-M path: program (n, m) computes out[m-block, n-block] over the whole K."""
+    """Small-M path: program (n, k, m) computes a [BLOCK_M, BLOCK_N] tile over one K slice.
+
+    Narrow N tiles and SPLIT_K slices put enough programs (and weight bytes in flight) on
+    every SM even at M=1. With SPLIT_K > 1 each program stores its float32 partial, and the
+    last program to arrive at a tile (counted with an atomic) sums the partials, adds the
+    residual and writes the output: still one launch, still rounded once. The arrival
+    counter is reset by that last program, so no zero-fill launch is needed between calls.
+    """
     pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_n = offs_n < N
     mask_m = offs_m < M
+    k_begin = pid_k * k_per_split
+    k_end = tl.minimum(k_begin + k_per_split, K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_begin, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        w = tl.load(
-            w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
-            mask=mask_n[:, None] & mask_k[None, :],
-            other=0.0,
-        )
+        mask_k = offs_k < k_end
+        if USE_DOT:  # W tile read transposed, [BLOCK_K, BLOCK_N], for tl.dot
+            w = tl.load(
+                w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                mask=mask_k[:, None] & mask_n[None, :],
+                other=0.0,
+            )
+        else:
+            w = tl.load(
+                w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+                mask=mask_n[:, None] & mask_k[None, :],
+                other=0.0,
+            )
         if USE_PDL:
             # Programmatic dependent launch: the weights do not depend on the previous
             # kernel, so their loads are issued before waiting for it; the activations and
@@ -98,18 +137,43 @@ def _gemv_residual_kernel(
             mask=mask_m[:, None] & mask_k[None, :],
             other=0.0,
         )
-        prod = x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
-        acc += tl.sum(prod, axis=2)
+        if USE_DOT:
+            if UPCAST_DOT:
+                x = x.to(tl.float32)
+                w = w.to(tl.float32)
+            if IEEE_FP32:  # noqa: SIM108  (constexpr branch: only one dot is compiled)
+                acc = tl.dot(x, w, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x, w, acc)
+        else:
+            acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
-    mask = mask_m[:, None] & mask_n[None, :]
-    r = tl.load(r_ptr + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn, mask=mask)
-    out = acc + residual_weight * r.to(tl.float32)
-    tl.store(
-        out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
-        out.to(out_ptr.dtype.element_ty),
-        mask=mask,
-    )
+    if SPLIT_K == 1:
+        _residual_epilogue(
+            acc, r_ptr, out_ptr, offs_m, offs_n, M, N,
+            stride_rm, stride_rn, stride_om, stride_on, residual_weight,
+        )  # fmt: skip
+    else:
+        tile = pid_m * tl.num_programs(0) + pid_n
+        tile_partials = partials_ptr + tile * (SPLIT_K * BLOCK_M * BLOCK_N)
+        offs_tile = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        tl.store(tile_partials + pid_k * (BLOCK_M * BLOCK_N) + offs_tile, acc)
+        # Every thread's partial is stored before the (release) arrival is counted.
+        tl.debug_barrier()
+        arrived = tl.atomic_add(arrivals_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for s in tl.static_range(SPLIT_K):
+                # .cg: read from L2, where the other programs' partials are.
+                total += tl.load(
+                    tile_partials + s * (BLOCK_M * BLOCK_N) + offs_tile, cache_modifier=".cg"
+                )
+            _residual_epilogue(
+                total, r_ptr, out_ptr, offs_m, offs_n, M, N,
+                stride_rm, stride_rn, stride_om, stride_on, residual_weight,
+            )  # fmt: skip
+            tl.atomic_xchg(arrivals_ptr + tile, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -176,14 +240,10 @@ def _gemm_residual_kernel(
         w_ptrs += BLOCK_K * stride_wk
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
-    mask = mask_m[:, None] & mask_n[None, :]
-    r = tl.load(r_ptr + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn, mask=mask)
-    out = acc + residual_weight * r.to(tl.float32)
-    tl.store(
-        out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
-        out.to(out_ptr.dtype.element_ty),
-        mask=mask,
-    )
+    _residual_epilogue(
+        acc, r_ptr, out_ptr, offs_m, offs_n, M, N,
+        stride_rm, stride_rn, stride_om, stride_on, residual_weight,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,7 +253,12 @@ def _gemm_residual_kernel(
 
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
-    """One launch configuration. ``path`` is "gemv" or "gemm"."""
+    """One launch configuration.
+
+    ``path`` "gemv": small M; ``split_k`` K slices reduced by the last-arriving program,
+    ``dot`` picks tl.dot (tiles >= 16) over a float32 multiply-reduce. ``path`` "gemm":
+    tiled tl.dot with grouped ordering. ``pdl``: programmatic dependent launch (Hopper).
+    """
 
     path: str
     BLOCK_M: int
@@ -203,6 +268,8 @@ class KernelConfig:
     num_stages: int = 1
     GROUP_M: int = 8
     pdl: bool = False
+    split_k: int = 1
+    dot: bool = False
 
     def __post_init__(self):
         if self.path not in ("gemv", "gemm"):
@@ -211,6 +278,12 @@ class KernelConfig:
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
                 raise ValueError(f"KernelConfig.{name} must be a power of two, got {value}")
+        if self.split_k < 1 or (self.split_k > 1 and self.path != "gemv"):
+            raise ValueError(
+                f"KernelConfig.split_k must be >= 1 (gemv path only), got {self.split_k}"
+            )
+        if (self.dot or self.path == "gemm") and min(self.BLOCK_M, self.BLOCK_N, self.BLOCK_K) < 16:
+            raise ValueError("KernelConfig: tl.dot needs BLOCK_M, BLOCK_N and BLOCK_K >= 16")
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -274,7 +347,7 @@ def heuristic_config(M: int, N: int, K: int, dtype: torch.dtype) -> KernelConfig
     if INTERPRETING:
         # The interpreter pays per program and per loop iteration: few, fat programs
         # (tiles stay under the 2**20-element limit).
-        if M <= GEMV_MAX_M:
+        if M <= 16:
             block_m = m_bucket(M)
             block_n = min(256, triton.next_power_of_2(N))
             block_k = min(k_pow2, max(16, (1 << 20) // (block_m * block_n)))
@@ -285,15 +358,19 @@ def heuristic_config(M: int, N: int, K: int, dtype: torch.dtype) -> KernelConfig
             min(128, max(16, triton.next_power_of_2(N))),
             min(512, max(16, k_pow2)),
         )
+    # Shapes of the H100 tuning (kernels/configs) generalised: multiply-reduce up to M=4,
+    # then tl.dot with narrow N tiles and enough K slices for ~2 programs per SM.
+    if M <= 4:
+        block_n = 4 if M <= 2 else 2
+        return KernelConfig("gemv", m_bucket(M), block_n, min(k_pow2, 2048), num_warps=4)
     if M <= GEMV_MAX_M:
-        block_m = m_bucket(M)
-        # Keep the [BLOCK_M, BLOCK_N, BLOCK_K] product at 8K elements per 4 warps.
-        block_n = 8 if block_m <= 2 else 4
-        block_k = min(k_pow2, max(64, 8192 // (block_m * block_n)))
-        return KernelConfig("gemv", block_m, block_n, block_k, num_warps=4)
-    if M <= 64:
-        return KernelConfig("gemm", 16 if M <= 16 else 32 if M <= 32 else 64, 64, 128, 4, 4)
-    return KernelConfig("gemm", 128, 128, 64, num_warps=8, num_stages=3)
+        block_m, block_n, block_k = max(16, m_bucket(M)), 32, 256
+        tiles = triton.cdiv(N, block_n) * triton.cdiv(M, block_m)
+        split_k = min(8, max(1, triton.next_power_of_2(256 // tiles)), max(1, K // block_k))
+        return KernelConfig("gemv", block_m, block_n, block_k, 4, 3, split_k=split_k, dot=True)
+    if M <= 512:
+        return KernelConfig("gemm", 64, 64, 128, num_warps=4, num_stages=4)
+    return KernelConfig("gemm", 128, 128, 128, num_warps=8, num_stages=3)
 
 
 def select_config(M: int, N: int, K: int, dtype: torch.dtype) -> KernelConfig:
@@ -314,6 +391,25 @@ def _pdl_supported(device: torch.device) -> bool:
         and device.type == "cuda"
         and torch.cuda.get_device_capability(device)[0] >= 9
     )
+
+
+_split_k_state: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _split_k_buffers(device: torch.device, tiles: int, per_tile: int):
+    """Float32 partials and int32 arrival counters for split-K, kept per device.
+
+    The counters are zeroed once here and reset by the kernel itself after each tile, so
+    calls need no zero-fill launch. Allocated generously on first (eager) use so that a CUDA
+    graph captured later never allocates. Calls on one device must not run concurrently on
+    two streams (they share these buffers).
+    """
+    partials, arrivals = _split_k_state.get(device, (None, None))
+    if partials is None or partials.numel() < tiles * per_tile or arrivals.numel() < tiles:
+        partials = torch.empty(max(tiles * per_tile, 1 << 20), dtype=torch.float32, device=device)
+        arrivals = torch.zeros(max(tiles, 1 << 14), dtype=torch.int32, device=device)
+        _split_k_state[device] = (partials, arrivals)
+    return partials, arrivals
 
 
 def _memory_span(t: torch.Tensor) -> tuple[int, int]:
@@ -450,44 +546,61 @@ def fused_attn_output_residual(
     use_pdl = cfg.pdl and _pdl_supported(attn_output.device)
     if use_pdl:
         launch_kwargs["launch_pdl"] = True
-    args = (
-        x2,
-        o_proj_weight,
-        r2,
-        o2,
-        M,
-        N,
-        K,
-        x2.stride(0),
-        x2.stride(1),
-        o_proj_weight.stride(0),
-        o_proj_weight.stride(1),
-        r2.stride(0),
-        r2.stride(1),
-        o2.stride(0),
-        o2.stride(1),
+    strides_and_weight = (
+        *x2.stride(),
+        *o_proj_weight.stride(),
+        *r2.stride(),
+        *o2.stride(),
         float(residual_weight),
     )
+    upcast_dot = INTERPRETING and attn_output.dtype != torch.float32
+    ieee_fp32 = attn_output.dtype == torch.float32
     if cfg.path == "gemv":
-        grid = (triton.cdiv(N, cfg.BLOCK_N), triton.cdiv(M, cfg.BLOCK_M))
-        _gemv_residual_kernel[grid](
-            *args,
+        n_tiles, m_tiles = triton.cdiv(N, cfg.BLOCK_N), triton.cdiv(M, cfg.BLOCK_M)
+        k_per_split = triton.cdiv(triton.cdiv(K, cfg.split_k), cfg.BLOCK_K) * cfg.BLOCK_K
+        split_k = triton.cdiv(K, k_per_split)  # no empty slices
+        partials, arrivals = _split_k_buffers(
+            attn_output.device, n_tiles * m_tiles, split_k * cfg.BLOCK_M * cfg.BLOCK_N
+        )
+        _gemv_residual_kernel[(n_tiles, split_k, m_tiles)](
+            x2,
+            o_proj_weight,
+            r2,
+            o2,
+            partials,
+            arrivals,
+            M,
+            N,
+            K,
+            k_per_split,
+            *strides_and_weight,
             BLOCK_M=cfg.BLOCK_M,
             BLOCK_N=cfg.BLOCK_N,
             BLOCK_K=cfg.BLOCK_K,
+            SPLIT_K=split_k,
+            USE_DOT=cfg.dot,
+            UPCAST_DOT=upcast_dot,
+            IEEE_FP32=ieee_fp32,
             USE_PDL=use_pdl,
             **launch_kwargs,
         )
     else:
         grid = (triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N),)
         _gemm_residual_kernel[grid](
-            *args,
+            x2,
+            o_proj_weight,
+            r2,
+            o2,
+            M,
+            N,
+            K,
+            *strides_and_weight,
             BLOCK_M=cfg.BLOCK_M,
             BLOCK_N=cfg.BLOCK_N,
             BLOCK_K=cfg.BLOCK_K,
             GROUP_M=cfg.GROUP_M,
-            UPCAST_DOT=INTERPRETING and attn_output.dtype != torch.float32,
-            IEEE_FP32=attn_output.dtype == torch.float32,
+            UPCAST_DOT=upcast_dot,
+            IEEE_FP32=ieee_fp32,
             USE_PDL=use_pdl,
             **launch_kwargs,
         )

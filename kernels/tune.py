@@ -21,7 +21,6 @@ import torch
 import triton
 
 from kernels.fused_attn_output import (
-    GEMV_MAX_M,
     KernelConfig,
     fused_attn_output_residual,
     heuristic_config,
@@ -67,11 +66,18 @@ def candidates(M: int, N: int, K: int) -> list[KernelConfig]:
     """Candidate configurations for bucket M (PDL is tried afterwards on the winner)."""
     k_pow2 = triton.next_power_of_2(K)
     out = []
-    if M <= GEMV_MAX_M:
-        for bn, bk, warps in itertools.product((1, 2, 4, 8, 16), (512, 1024, 2048, 4096), (4, 8)):
-            # Keep the per-program float32 product [M, BLOCK_N, BLOCK_K] within registers.
-            if bk <= k_pow2 and 1024 <= M * bn * bk <= 16384:
-                out.append(KernelConfig("gemv", M, bn, bk, warps, 1))
+    if M <= 4:  # float32 multiply-reduce, whole or split K
+        for bn, bk, warps, split in itertools.product(
+            (1, 2, 4, 8, 16), (512, 1024, 2048, 4096), (4, 8), (1, 2, 4)
+        ):
+            fits = 1024 <= M * bn * bk <= 16384 and bk * split <= k_pow2
+            if fits and (split == 1 or warps == 4):
+                out.append(KernelConfig("gemv", M, bn, bk, warps, 1, split_k=split))
+    if M <= 64:  # tl.dot on narrow N tiles, split K, last-arrival reduction
+        for bn, bk, split in itertools.product((16, 32, 64), (64, 128, 256), (1, 2, 4, 8)):
+            if bk * split <= K:
+                block_m = max(16, M)
+                out.append(KernelConfig("gemv", block_m, bn, bk, 4, 3, split_k=split, dot=True))
     if M >= 8:
         for bm, bn, bk, warps, stages in GEMM_TILINGS:
             if bm <= max(16, M):

@@ -10,7 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.fused_attn_output import fused_attn_output_residual, select_config
+from kernels.fused_attn_output import (
+    KernelConfig,
+    fused_attn_output_residual,
+    select_config,
+    use_config,
+)
 from profiling.numerics import check_fused_numerics, draw_inputs
 
 M_VALUES = [1, 2, 7, 16, 64, 333, 2048]
@@ -100,3 +105,24 @@ def test_check_catches_an_unwritten_element(device):
     x, r, w = draw_inputs(7, 77, 333, torch.float32, device)
     result = check_fused_numerics(skips_last_row, x, r, w)
     assert not result.ok and "NaN" in result.summary()
+
+
+PATH_VARIANTS = {
+    "gemv-fma": KernelConfig("gemv", 8, 16, 64),
+    "gemv-fma-splitk3": KernelConfig("gemv", 8, 16, 64, split_k=3),
+    "gemv-dot-splitk4": KernelConfig("gemv", 16, 16, 32, num_stages=2, split_k=4, dot=True),
+    "gemm": KernelConfig("gemm", 16, 32, 32, num_stages=2),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("variant", PATH_VARIANTS)
+def test_every_path_variant(variant, dtype, device):
+    """Each code path (multiply-reduce, split-K with last-arrival reduction, tl.dot, tiled
+    GEMM) on ragged shapes with several row tiles; called three times in a row, because the
+    split-K arrival counters must reset themselves between calls."""
+    with use_config(PATH_VARIANTS[variant]):
+        for M in (7, 20, 3):
+            x, r, w = draw_inputs(M, 77, 333, dtype, device)
+            result = check_fused_numerics(fused_attn_output_residual, x, r, w, 0.5)
+            _assert_ok(result, f"{variant} M={M}")
