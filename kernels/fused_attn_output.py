@@ -364,13 +364,15 @@ def heuristic_config(M: int, N: int, K: int, dtype: torch.dtype) -> KernelConfig
         block_n = 4 if M <= 2 else 2
         return KernelConfig("gemv", m_bucket(M), block_n, min(k_pow2, 2048), num_warps=4)
     if M <= GEMV_MAX_M:
-        block_m, block_n, block_k = max(16, m_bucket(M)), 32, 256
+        block_m, block_n, block_k = max(16, m_bucket(M)), 32, 128
         tiles = triton.cdiv(N, block_n) * triton.cdiv(M, block_m)
         split_k = min(8, max(1, triton.next_power_of_2(256 // tiles)), max(1, K // block_k))
         return KernelConfig("gemv", block_m, block_n, block_k, 4, 3, split_k=split_k, dot=True)
+    # float32 tiles take twice the shared memory per stage: halve BLOCK_K (228 KB per SM).
+    block_k = 128 if dtype != torch.float32 else 32
     if M <= 512:
-        return KernelConfig("gemm", 64, 64, 128, num_warps=4, num_stages=4)
-    return KernelConfig("gemm", 128, 128, 128, num_warps=8, num_stages=3)
+        return KernelConfig("gemm", 64, 64, block_k, num_warps=4, num_stages=4)
+    return KernelConfig("gemm", 128, 128, block_k, num_warps=8, num_stages=3)
 
 
 def select_config(M: int, N: int, K: int, dtype: torch.dtype) -> KernelConfig:
