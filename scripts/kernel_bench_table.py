@@ -10,14 +10,15 @@ import sys
 from collections import defaultdict
 
 
-def table(path: str) -> str:
-    with open(path) as f:
-        data = json.load(f)
+def table(*paths: str) -> str:
     rows = defaultdict(dict)
-    for bench in data["benchmarks"]:
-        info = bench["extra_info"]
-        rows[(info["shape"], info["M"])][info["impl"]] = info["us_per_call"]
-        rows[(info["shape"], info["M"])]["floor"] = info["floor_us"]
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        for bench in data["benchmarks"]:
+            info = bench["extra_info"]
+            rows[(info["shape"], info["M"])][info["impl"]] = info["us_per_call"]
+            rows[(info["shape"], info["M"])]["floor"] = info["floor_us"]
     impls = ["floor", "fused", "linear_add", "addmm_", "compile"]
     lines = [
         f"{data['machine_info'].get('gpu', '?')}  ({data['datetime']})  µs per layer, bf16",
@@ -34,4 +35,4 @@ def table(path: str) -> str:
 
 
 if __name__ == "__main__":
-    print(table(sys.argv[1]))
+    print(table(*sys.argv[1:]))

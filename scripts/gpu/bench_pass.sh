@@ -12,5 +12,5 @@ FUSIONGUARD_BENCH_IMPLS=fused,linear_add,addmm_ timeout 240 python3 -m pytest te
 FUSIONGUARD_BENCH_IMPLS=compile timeout ${COMPILE_TIMEOUT:-330} python3 -m pytest tests/test_kernel_bench.py \
   -m bench -q -p no:cacheprovider --benchmark-storage="file://$store" --benchmark-save=kernels_compile \
   --benchmark-columns=median,iqr,rounds 2>&1 | tail -4 | tee "$OUT/bench_compile.log"
-find "$store" -name '*.json' -newer "$OUT/bench_kernels.log" -o -name '*kernels*.json' | while read -r f; do cp "$f" "$OUT/"; done
-for f in "$OUT"/*kernels*.json; do python3 scripts/kernel_bench_table.py "$f"; done | tee "$OUT/bench_table.txt"
+find "$store" -name "*kernels*.json" -exec cp {} "$OUT/" \;
+python3 scripts/kernel_bench_table.py "$OUT"/*kernels*.json | tee "$OUT/bench_table.txt"
