@@ -1,0 +1,88 @@
+"""A small Qwen3 inference engine (nano-vllm style: pure torch + Triton, no flash-attn) that
+hosts the fused o_proj + residual kernel behind a flag.
+
+    import engine
+    model = engine.build()                       # Qwen3-0.6B architecture, random weights
+    model = engine.build(checkpoint="path/hf")   # a local HF Qwen3 checkpoint
+    runner = engine.Runner(model, cuda_graph=True)
+    tokens = runner.generate(prompt_ids, max_new_tokens=64)
+    model.flags.fuse_o_proj_residual = False     # the unfused path, same weights
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+import kernels  # noqa: F401  (first: picks compiled or interpreted Triton)
+from engine.config import Qwen3Config, UnsupportedConfigError, default_config
+from engine.flags import FusionFlags
+from engine.loader import CheckpointError, load_checkpoint, load_config, random_init
+from engine.qwen3 import Qwen3ForCausalLM
+from engine.runner import Runner
+
+__all__ = [
+    "CheckpointError",
+    "FusionFlags",
+    "Qwen3Config",
+    "Qwen3ForCausalLM",
+    "Runner",
+    "UnsupportedConfigError",
+    "build",
+    "default_config",
+    "load_checkpoint",
+    "random_init",
+]
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build(
+    config: Qwen3Config | str | Path | None = None,
+    checkpoint: str | Path | None = None,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str | None = None,
+    seed: int = 0,
+    fuse_o_proj_residual: bool = True,
+) -> Qwen3ForCausalLM:
+    """A ready Qwen3ForCausalLM in eval mode, without gradients.
+
+    config: a Qwen3Config, a config.json path, or None (the checkpoint's config.json if a
+    checkpoint is given, else the embedded Qwen3-0.6B default). checkpoint: a local HF folder
+    with *.safetensors; without it the weights are random (seeded). device: None picks cuda
+    when available, else cpu.
+    """
+    if checkpoint is not None:
+        checkpoint_config = load_config(checkpoint)
+        config = checkpoint_config if config is None else config
+    if config is None:
+        config = default_config()
+    elif not isinstance(config, Qwen3Config):
+        config = Qwen3Config.from_hf_json(config)
+    if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise TypeError(f"dtype must be bfloat16, float16 or float32, got {dtype}")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # Built on the meta device, then allocated once in the target dtype: no throwaway init
+    # of 0.6B parameters on the CPU.
+    with _default_dtype(dtype), torch.device("meta"):
+        model = Qwen3ForCausalLM(config, FusionFlags(fuse_o_proj_residual=fuse_o_proj_residual))
+    model.to_empty(device=device)
+    model.tie_weights()
+    model.reset_rope()
+    model.requires_grad_(False)
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint)
+    else:
+        random_init(model, seed)
+    return model.eval()

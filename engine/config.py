@@ -1,0 +1,182 @@
+"""Qwen3 architecture from a Hugging Face ``config.json``; the shipped default is Qwen3-0.6B.
+
+Only what the engine implements is accepted: a config for another architecture, or a Qwen3
+feature this engine does not implement (attention bias, sliding window, RoPE scaling), gets
+an error that says which field, instead of a model that silently computes something else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DEFAULT_CONFIG_PATH = Path(__file__).with_name("qwen3_0_6b.json")
+QWEN3_ARCHITECTURE = "Qwen3ForCausalLM"
+QWEN3_MODEL_TYPE = "qwen3"
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class UnsupportedConfigError(ValueError):
+    """The config describes a model this engine does not implement."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen3Config:
+    hidden_size: int = 1024
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 8
+    head_dim: int = 128
+    intermediate_size: int = 3072
+    vocab_size: int = 151936
+    tie_word_embeddings: bool = True
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 40960
+    torch_dtype: str = "bfloat16"
+    source: str = "<defaults>"  # where the config came from, for error messages
+
+    def __post_init__(self):
+        for name in (
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "intermediate_size",
+            "vocab_size",
+            "max_position_embeddings",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{self.source}: {name} must be a positive integer, got {value!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"{self.source}: num_attention_heads ({self.num_attention_heads}) must be a "
+                f"multiple of num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"{self.source}: head_dim must be even for RoPE, got {self.head_dim}")
+        if self.torch_dtype not in _DTYPES:
+            raise UnsupportedConfigError(
+                f"{self.source}: torch_dtype {self.torch_dtype!r} is not supported "
+                f"(supported: {', '.join(_DTYPES)})"
+            )
+
+    @property
+    def num_queries_per_kv(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+    @property
+    def qkv_size(self) -> int:
+        """Output features of the merged q/k/v projection."""
+        return (self.num_attention_heads + 2 * self.num_key_value_heads) * self.head_dim
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _DTYPES[self.torch_dtype]
+
+    @classmethod
+    def from_hf_json(cls, path_or_dict: str | Path | dict[str, Any]) -> Qwen3Config:
+        """Read a Hugging Face Qwen3 ``config.json`` (a path, a checkpoint folder, or a dict)."""
+        if isinstance(path_or_dict, dict):
+            raw, source = path_or_dict, "<dict>"
+        else:
+            path = Path(path_or_dict)
+            if path.is_dir():
+                path = path / "config.json"
+            if not path.is_file():
+                raise FileNotFoundError(f"config file not found: {path}")
+            try:
+                raw = json.loads(path.read_text())
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}: not valid JSON ({exc})") from None
+            source = str(path)
+        return cls._from_raw(raw, source)
+
+    @classmethod
+    def _from_raw(cls, raw: dict[str, Any], source: str) -> Qwen3Config:
+        model_type = raw.get("model_type")
+        architectures = raw.get("architectures") or []
+        if model_type != QWEN3_MODEL_TYPE or (
+            architectures and QWEN3_ARCHITECTURE not in architectures
+        ):
+            raise UnsupportedConfigError(
+                f"{source}: architecture {architectures or model_type!r} (model_type "
+                f"{model_type!r}) is not Qwen3; this engine runs only {QWEN3_ARCHITECTURE} "
+                f"(model_type {QWEN3_MODEL_TYPE!r})"
+            )
+        if raw.get("attention_bias"):
+            raise UnsupportedConfigError(f"{source}: attention_bias=true is not implemented")
+        if raw.get("use_sliding_window"):
+            raise UnsupportedConfigError(f"{source}: use_sliding_window=true is not implemented")
+        if raw.get("hidden_act", "silu") != "silu":
+            raise UnsupportedConfigError(
+                f"{source}: hidden_act {raw['hidden_act']!r} is not implemented (only 'silu')"
+            )
+        # transformers < 5 writes rope_theta/rope_scaling; transformers 5 writes rope_parameters.
+        rope = raw.get("rope_parameters") or {}
+        rope_type = rope.get("rope_type", "default")
+        if raw.get("rope_scaling") or rope_type != "default":
+            raise UnsupportedConfigError(
+                f"{source}: RoPE scaling ({raw.get('rope_scaling') or rope_type!r}) is not "
+                "implemented (only default RoPE)"
+            )
+        rope_theta = rope.get("rope_theta", raw.get("rope_theta", 10000.0))
+        required = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+        for name in (*required, "vocab_size"):
+            if name not in raw:
+                raise ValueError(f"{source}: missing field {name!r}")
+        hidden_size, num_heads = raw["hidden_size"], raw["num_attention_heads"]
+        head_dim = raw.get("head_dim") or hidden_size // num_heads
+        dtype = raw.get("torch_dtype") or raw.get("dtype") or "bfloat16"
+        return cls(
+            hidden_size=hidden_size,
+            num_hidden_layers=raw["num_hidden_layers"],
+            num_attention_heads=num_heads,
+            num_key_value_heads=raw.get("num_key_value_heads") or num_heads,
+            head_dim=head_dim,
+            intermediate_size=raw["intermediate_size"],
+            vocab_size=raw["vocab_size"],
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            rope_theta=float(rope_theta),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=raw.get("max_position_embeddings", 32768),
+            torch_dtype=str(dtype).removeprefix("torch."),
+            source=source,
+        )
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The config in Hugging Face's format (round-trips through ``from_hf_json``)."""
+        return {
+            "architectures": [QWEN3_ARCHITECTURE],
+            "model_type": QWEN3_MODEL_TYPE,
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "intermediate_size": self.intermediate_size,
+            "vocab_size": self.vocab_size,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "rope_theta": self.rope_theta,
+            "rms_norm_eps": self.rms_norm_eps,
+            "max_position_embeddings": self.max_position_embeddings,
+            "torch_dtype": self.torch_dtype,
+            "hidden_act": "silu",
+            "attention_bias": False,
+        }
+
+    def replace(self, **changes: Any) -> Qwen3Config:
+        """A copy with some fields changed (e.g. fewer layers or a smaller hidden size)."""
+        return dataclasses.replace(self, **changes)
+
+
+def default_config() -> Qwen3Config:
+    """The embedded default: the Qwen3-0.6B architecture (engine/qwen3_0_6b.json)."""
+    return Qwen3Config.from_hf_json(DEFAULT_CONFIG_PATH)

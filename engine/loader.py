@@ -1,0 +1,127 @@
+"""Weights: ``*.safetensors`` from a local Hugging Face checkpoint folder, or a seeded random
+init. Every error names the file or the tensor.
+
+Dtype policy: bfloat16, float16 and float32 checkpoint tensors are cast to the model's dtype
+(a bf16 checkpoint into an fp32 model for tests, an fp32 one into bf16 for speed); any other
+dtype (integers, fp8, float64) is rejected, since a silent cast of a quantised tensor would
+compute garbage.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from engine.config import Qwen3Config
+
+INDEX_FILE = "model.safetensors.index.json"
+LOADABLE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# Present in some exported checkpoints, never needed (RoPE tables are computed).
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model: the message names the file or tensor."""
+
+
+def checkpoint_files(directory: str | Path) -> list[Path]:
+    """The safetensors files of a checkpoint folder (from its index when sharded)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"checkpoint directory not found: {directory}")
+    index = directory / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise CheckpointError(f"{index}: not a safetensors index ({exc!r})") from None
+        files = [directory / name for name in sorted(set(weight_map.values()))]
+        for f in files:
+            if not f.is_file():
+                raise CheckpointError(
+                    f"{index} lists {f.name}, which does not exist in {directory}"
+                )
+        return files
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"no *.safetensors files in {directory}")
+    return files
+
+
+def load_config(directory: str | Path) -> Qwen3Config:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"checkpoint directory not found: {directory}")
+    return Qwen3Config.from_hf_json(directory / "config.json")
+
+
+@torch.no_grad()
+def load_checkpoint(model: torch.nn.Module, directory: str | Path) -> torch.nn.Module:
+    """Copy a Hugging Face Qwen3 checkpoint into ``model`` (a Qwen3ForCausalLM).
+
+    Accepts one or several ``*.safetensors`` files (with ``model.safetensors.index.json`` when
+    sharded). With tied embeddings ``lm_head.weight`` is normally absent (the LM head is the
+    embedding); if present it is skipped. Raises CheckpointError naming the tensor and file for
+    a missing, unexpected, wrongly shaped or wrongly typed tensor.
+    """
+    files = checkpoint_files(directory)
+    targets = model.hf_weight_map()
+    tied = model.config.tie_word_embeddings
+    loaded: dict[str, Path] = {}
+    for path in files:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for name in f.keys():  # noqa: SIM118  (safe_open is not a mapping)
+                if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
+                    continue
+                if name not in targets:
+                    raise CheckpointError(
+                        f"unexpected tensor {name!r} in {path}: a Qwen3 model with this config "
+                        f"({model.config.num_hidden_layers} layers) has no such weight"
+                    )
+                if name in loaded:
+                    raise CheckpointError(
+                        f"tensor {name!r} appears in both {loaded[name]} and {path}"
+                    )
+                tensor = f.get_tensor(name)
+                _copy_checked(targets[name], tensor, name, path)
+                loaded[name] = path
+    missing = [name for name in targets if name not in loaded]
+    if missing:
+        shown = ", ".join(repr(n) for n in missing[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise CheckpointError(f"missing tensor(s) in {directory}: {shown}{more}")
+    model.tie_weights()
+    return model
+
+
+def _copy_checked(target: torch.Tensor, tensor: torch.Tensor, name: str, path: Path) -> None:
+    if tuple(tensor.shape) != tuple(target.shape):
+        raise CheckpointError(
+            f"tensor {name!r} in {path} has shape {tuple(tensor.shape)}; the config needs "
+            f"{tuple(target.shape)}"
+        )
+    if tensor.dtype not in LOADABLE_DTYPES:
+        raise CheckpointError(
+            f"tensor {name!r} in {path} has dtype {tensor.dtype}; loadable: bfloat16, float16, "
+            "float32 (cast to the model dtype)"
+        )
+    target.copy_(tensor)
+
+
+@torch.no_grad()
+def random_init(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Seeded random weights: matrices ~N(0, 0.02) (Qwen's initializer_range), norms = 1.
+
+    Drawn on the model's device with a private generator (the global RNG is untouched); the
+    same seed on the same device gives the same weights.
+    """
+    generator = torch.Generator(device=model.device).manual_seed(seed)
+    for name, param in model.named_parameters():  # tied weights are listed once
+        if name.endswith("norm.weight"):
+            param.fill_(1.0)
+        else:
+            param.normal_(0.0, 0.02, generator=generator)
+    return model

@@ -1,0 +1,70 @@
+"""Input checks shared by the small-op launchers (rms_norm, qk_norm_rope, silu_mul,
+decode_attention). Cheap on purpose: they run on every eager decode step, so they compare
+attributes and never touch tensor data (no host sync)."""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.runtime import INTERPRETING
+
+FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def check_tensor(
+    name: str,
+    t: object,
+    *,
+    dim: int | None = None,
+    dtypes: tuple[torch.dtype, ...] | None = FLOAT_DTYPES,
+    device: torch.device | None = None,
+    last_dim_contiguous: bool = True,
+) -> torch.Tensor:
+    """Raise an error naming ``name`` unless ``t`` is a tensor that the kernel can take."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dim is not None and t.dim() != dim:
+        raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        allowed = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise TypeError(f"{name} has dtype {t.dtype}; supported: {allowed}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device}: one device for all inputs")
+    if last_dim_contiguous and t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(
+            f"{name} must be contiguous in its last dimension (stride {t.stride(-1)} != 1)"
+        )
+    return t
+
+
+def check_same_dtype(reference_name: str, reference: torch.Tensor, **others: torch.Tensor) -> None:
+    for name, t in others.items():
+        if t.dtype != reference.dtype:
+            raise TypeError(
+                f"{name} has dtype {t.dtype} but {reference_name} has {reference.dtype}: "
+                "they must match"
+            )
+
+
+def check_runnable_device(name: str, t: torch.Tensor) -> None:
+    """Compiled kernels need CUDA tensors; the interpreter (no GPU) needs CPU tensors."""
+    if t.device.type == "cuda" and INTERPRETING:
+        raise RuntimeError(
+            f"{name} is on CUDA but TRITON_INTERPRET=1 is set: unset it to run compiled kernels"
+        )
+    if t.device.type != "cuda" and not INTERPRETING:
+        raise ValueError(
+            f"{name} is on {t.device}: the kernel needs CUDA tensors "
+            "(or TRITON_INTERPRET=1 set before importing kernels, to interpret on CPU)"
+        )
+
+
+def rows_view(name: str, t: torch.Tensor, width: int) -> torch.Tensor:
+    """[..., width] -> [rows, width] without a copy (the kernel writes through it)."""
+    try:
+        return t.view(-1, width)
+    except RuntimeError:
+        raise ValueError(
+            f"{name} with shape {tuple(t.shape)} and strides {t.stride()} cannot be viewed as "
+            f"[rows, {width}]: pass a tensor whose leading dims can be flattened"
+        ) from None
