@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import numbers
@@ -310,6 +311,14 @@ def use_config(config: KernelConfig | None) -> Iterator[None]:
         _config_override = previous
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
 def m_bucket(M: int) -> int:
     """Rows are bucketed by the next power of two; tuned tables are keyed by bucket."""
     return 1 << max(0, (M - 1).bit_length())
@@ -343,19 +352,19 @@ def _tuned_config(M: int, N: int, K: int, dtype: torch.dtype) -> KernelConfig | 
 
 def heuristic_config(M: int, N: int, K: int, dtype: torch.dtype) -> KernelConfig:
     """A sound configuration for any shape when no tuned one applies."""
-    k_pow2 = triton.next_power_of_2(K)
+    k_pow2 = _next_pow2(K)
     if INTERPRETING:
         # The interpreter pays per program and per loop iteration: few, fat programs
         # (tiles stay under the 2**20-element limit).
         if M <= 16:
             block_m = m_bucket(M)
-            block_n = min(256, triton.next_power_of_2(N))
+            block_n = min(256, _next_pow2(N))
             block_k = min(k_pow2, max(16, (1 << 20) // (block_m * block_n)))
             return KernelConfig("gemv", block_m, block_n, block_k)
         return KernelConfig(
             "gemm",
-            min(128, triton.next_power_of_2(M)),
-            min(128, max(16, triton.next_power_of_2(N))),
+            min(128, _next_pow2(M)),
+            min(128, max(16, _next_pow2(N))),
             min(512, max(16, k_pow2)),
         )
     # Shapes of the H100 tuning (kernels/configs) generalised: multiply-reduce up to M=4,
@@ -365,8 +374,8 @@ def heuristic_config(M: int, N: int, K: int, dtype: torch.dtype) -> KernelConfig
         return KernelConfig("gemv", m_bucket(M), block_n, min(k_pow2, 2048), num_warps=4)
     if M <= GEMV_MAX_M:
         block_m, block_n, block_k = max(16, m_bucket(M)), 32, 128
-        tiles = triton.cdiv(N, block_n) * triton.cdiv(M, block_m)
-        split_k = min(8, max(1, triton.next_power_of_2(256 // tiles)), max(1, K // block_k))
+        tiles = _cdiv(N, block_n) * _cdiv(M, block_m)
+        split_k = min(8, max(1, _next_pow2(256 // tiles)), max(1, K // block_k))
         return KernelConfig("gemv", block_m, block_n, block_k, 4, 3, split_k=split_k, dot=True)
     # float32 tiles take twice the shared memory per stage: halve BLOCK_K (228 KB per SM).
     block_k = 128 if dtype != torch.float32 else 32
@@ -387,12 +396,55 @@ def select_config(M: int, N: int, K: int, dtype: torch.dtype) -> KernelConfig:
 # --------------------------------------------------------------------------------------------
 
 
+@functools.cache
 def _pdl_supported(device: torch.device) -> bool:
     return (
         not INTERPRETING
         and device.type == "cuda"
         and torch.cuda.get_device_capability(device)[0] >= 9
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class _LaunchPlan:
+    """Everything about a launch that depends only on (M, N, K, dtype, device, config)."""
+
+    config: KernelConfig
+    grid: tuple[int, ...]
+    k_per_split: int
+    constexprs: dict
+    launch_options: dict
+    partials_size: tuple[int, int]  # (tiles, floats per tile) for split-K buffers
+
+
+@functools.lru_cache(maxsize=4096)
+def _launch_plan(
+    M: int, N: int, K: int, dtype: torch.dtype, device: torch.device, override: KernelConfig | None
+) -> _LaunchPlan:
+    # Cached: the eager decode path calls the kernel once per layer per token, and the
+    # per-call Python cost (config lookup, grid arithmetic) is what eager tok/s pays for.
+    cfg = override or _tuned_config(M, N, K, dtype) or heuristic_config(M, N, K, dtype)
+    options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    use_pdl = cfg.pdl and _pdl_supported(device)
+    if use_pdl:
+        options["launch_pdl"] = True
+    constexprs = {
+        "BLOCK_M": cfg.BLOCK_M,
+        "BLOCK_N": cfg.BLOCK_N,
+        "BLOCK_K": cfg.BLOCK_K,
+        "UPCAST_DOT": INTERPRETING and dtype != torch.float32,
+        "IEEE_FP32": dtype == torch.float32,
+        "USE_PDL": use_pdl,
+    }
+    if cfg.path == "gemm":
+        grid = (_cdiv(M, cfg.BLOCK_M) * _cdiv(N, cfg.BLOCK_N),)
+        return _LaunchPlan(cfg, grid, K, {**constexprs, "GROUP_M": cfg.GROUP_M}, options, (0, 0))
+    n_tiles, m_tiles = _cdiv(N, cfg.BLOCK_N), _cdiv(M, cfg.BLOCK_M)
+    k_per_split = _cdiv(_cdiv(K, cfg.split_k), cfg.BLOCK_K) * cfg.BLOCK_K
+    split_k = _cdiv(K, k_per_split)  # no empty slices
+    constexprs.update(SPLIT_K=split_k, USE_DOT=cfg.dot)
+    partials = (n_tiles * m_tiles, split_k * cfg.BLOCK_M * cfg.BLOCK_N)
+    return _LaunchPlan(cfg, (n_tiles, split_k, m_tiles), k_per_split, constexprs, options, partials)
 
 
 _split_k_state: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -510,10 +562,11 @@ def _rows(t: torch.Tensor, name: str, K: int, *, writable: bool) -> torch.Tensor
         return t.reshape(-1, K)
 
 
-def _check_32bit_indexing(**tensors: torch.Tensor) -> None:
-    for name, t in tensors.items():
-        (start, end) = _memory_span(t)
-        if (end - start) // t.element_size() >= 2**31:
+def _check_32bit_indexing(**matrices: torch.Tensor) -> None:
+    """Offsets are int32 in the kernels: every 2-D operand must span < 2**31 elements."""
+    for name, t in matrices.items():
+        (rows, cols), (row_stride, col_stride) = t.shape, t.stride()
+        if (rows - 1) * abs(row_stride) + (cols - 1) * abs(col_stride) >= 2**31:
             raise ValueError(f"{name} spans more than 2**31 elements: 32-bit indexing overflows")
 
 
@@ -543,11 +596,7 @@ def fused_attn_output_residual(
     o2 = _rows(out, "out", N, writable=True)
     _check_32bit_indexing(attn_output=x2, residual=r2, o_proj_weight=o_proj_weight, out=o2)
     M = x2.shape[0]
-    cfg = select_config(M, N, K, attn_output.dtype)
-    launch_kwargs = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-    use_pdl = cfg.pdl and _pdl_supported(attn_output.device)
-    if use_pdl:
-        launch_kwargs["launch_pdl"] = True
+    plan = _launch_plan(M, N, K, attn_output.dtype, attn_output.device, _config_override)
     strides_and_weight = (
         *x2.stride(),
         *o_proj_weight.stride(),
@@ -555,57 +604,17 @@ def fused_attn_output_residual(
         *o2.stride(),
         float(residual_weight),
     )
-    upcast_dot = INTERPRETING and attn_output.dtype != torch.float32
-    ieee_fp32 = attn_output.dtype == torch.float32
-    if cfg.path == "gemv":
-        n_tiles, m_tiles = triton.cdiv(N, cfg.BLOCK_N), triton.cdiv(M, cfg.BLOCK_M)
-        k_per_split = triton.cdiv(triton.cdiv(K, cfg.split_k), cfg.BLOCK_K) * cfg.BLOCK_K
-        split_k = triton.cdiv(K, k_per_split)  # no empty slices
-        partials, arrivals = _split_k_buffers(
-            attn_output.device, n_tiles * m_tiles, split_k * cfg.BLOCK_M * cfg.BLOCK_N
-        )
-        _gemv_residual_kernel[(n_tiles, split_k, m_tiles)](
-            x2,
-            o_proj_weight,
-            r2,
-            o2,
-            partials,
-            arrivals,
-            M,
-            N,
-            K,
-            k_per_split,
-            *strides_and_weight,
-            BLOCK_M=cfg.BLOCK_M,
-            BLOCK_N=cfg.BLOCK_N,
-            BLOCK_K=cfg.BLOCK_K,
-            SPLIT_K=split_k,
-            USE_DOT=cfg.dot,
-            UPCAST_DOT=upcast_dot,
-            IEEE_FP32=ieee_fp32,
-            USE_PDL=use_pdl,
-            **launch_kwargs,
-        )
+    if plan.config.path == "gemv":
+        partials, arrivals = _split_k_buffers(attn_output.device, *plan.partials_size)
+        _gemv_residual_kernel[plan.grid](
+            x2, o_proj_weight, r2, o2, partials, arrivals, M, N, K, plan.k_per_split,
+            *strides_and_weight, **plan.constexprs, **plan.launch_options,
+        )  # fmt: skip
     else:
-        grid = (triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N),)
-        _gemm_residual_kernel[grid](
-            x2,
-            o_proj_weight,
-            r2,
-            o2,
-            M,
-            N,
-            K,
-            *strides_and_weight,
-            BLOCK_M=cfg.BLOCK_M,
-            BLOCK_N=cfg.BLOCK_N,
-            BLOCK_K=cfg.BLOCK_K,
-            GROUP_M=cfg.GROUP_M,
-            UPCAST_DOT=upcast_dot,
-            IEEE_FP32=ieee_fp32,
-            USE_PDL=use_pdl,
-            **launch_kwargs,
-        )
+        _gemm_residual_kernel[plan.grid](
+            x2, o_proj_weight, r2, o2, M, N, K,
+            *strides_and_weight, **plan.constexprs, **plan.launch_options,
+        )  # fmt: skip
     return out
 
 
