@@ -15,7 +15,7 @@ step() { local name=$1 limit=$2; shift 2; echo "=== $name ($(date -u +%T))"; tim
 { nvidia-smi --query-gpu=name,driver_version --format=csv; python3 -c "import torch, triton; print(torch.__version__, triton.__version__)"; echo "commit ${FUSIONGUARD_COMMIT:-unknown}"; } > "$work/env.txt" 2>&1
 step record 150 python3 -m profiling record --skip-kernels
 cp -r perf_baselines "$work/" 2>/dev/null
-step suite 330 python3 -m pytest -m "gpu and not bench" -q -p no:cacheprovider --deselect tests/test_gate.py -rs
+step suite 330 python3 -m pytest -m "gpu and not bench" -q -p no:cacheprovider --ignore=tests/test_gate.py -rs
 step ncu 90 python3 scripts/ncu_nvtx_check.py --out "$work/ncu"
 step report 90 python3 -m profiling --out "$work/report"
 step traces 60 python3 scripts/gpu_capture_trace.py --out "$work/traces"
