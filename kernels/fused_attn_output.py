@@ -410,6 +410,7 @@ class _LaunchPlan:
     """Everything about a launch that depends only on (M, N, K, dtype, device, config)."""
 
     config: KernelConfig
+    M: int
     grid: tuple[int, ...]
     k_per_split: int
     constexprs: dict
@@ -438,13 +439,15 @@ def _launch_plan(
     }
     if cfg.path == "gemm":
         grid = (_cdiv(M, cfg.BLOCK_M) * _cdiv(N, cfg.BLOCK_N),)
-        return _LaunchPlan(cfg, grid, K, {**constexprs, "GROUP_M": cfg.GROUP_M}, options, (0, 0))
+        constexprs["GROUP_M"] = cfg.GROUP_M
+        return _LaunchPlan(cfg, M, grid, K, constexprs, options, (0, 0))
     n_tiles, m_tiles = _cdiv(N, cfg.BLOCK_N), _cdiv(M, cfg.BLOCK_M)
     k_per_split = _cdiv(_cdiv(K, cfg.split_k), cfg.BLOCK_K) * cfg.BLOCK_K
     split_k = _cdiv(K, k_per_split)  # no empty slices
     constexprs.update(SPLIT_K=split_k, USE_DOT=cfg.dot)
     partials = (n_tiles * m_tiles, split_k * cfg.BLOCK_M * cfg.BLOCK_N)
-    return _LaunchPlan(cfg, (n_tiles, split_k, m_tiles), k_per_split, constexprs, options, partials)
+    grid = (n_tiles, split_k, m_tiles)
+    return _LaunchPlan(cfg, M, grid, k_per_split, constexprs, options, partials)
 
 
 _split_k_state: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -570,6 +573,41 @@ def _check_32bit_indexing(**matrices: torch.Tensor) -> None:
             raise ValueError(f"{name} spans more than 2**31 elements: 32-bit indexing overflows")
 
 
+# Inputs already checked once, keyed by everything the checks read (shapes, strides, dtypes,
+# devices, the residual_weight type, the config override): the launch plan and the strides of
+# the [rows, K] / [rows, N] views. Eager decode calls the kernel once per layer per token with
+# the same signature, and re-checking costs more host time than the launch itself.
+_checked_calls: dict[tuple, tuple[_LaunchPlan, tuple[int, ...]]] = {}
+
+
+def _call_key(attn_output, residual, o_proj_weight, residual_weight) -> tuple | None:
+    try:
+        return (
+            attn_output.shape, attn_output.stride(), attn_output.dtype, attn_output.device,
+            residual.shape, residual.stride(), residual.dtype, residual.device,
+            o_proj_weight.shape, o_proj_weight.stride(), o_proj_weight.dtype,
+            o_proj_weight.device, type(residual_weight), _config_override,
+        )  # fmt: skip
+    except (AttributeError, TypeError):  # not tensors: the full checks name the argument
+        return None
+
+
+def _launch(plan: _LaunchPlan, x, w, r, out, strides: tuple[int, ...], residual_weight) -> None:
+    """One launch; x, r, out may be [..., K] / [..., N] tensors: ``strides`` are their rows'."""
+    M, (N, K) = plan.M, w.shape
+    if plan.config.path == "gemv":
+        partials, arrivals = _split_k_buffers(x.device, *plan.partials_size)
+        _gemv_residual_kernel[plan.grid](
+            x, w, r, out, partials, arrivals, M, N, K, plan.k_per_split,
+            *strides, float(residual_weight), **plan.constexprs, **plan.launch_options,
+        )  # fmt: skip
+    else:
+        _gemm_residual_kernel[plan.grid](
+            x, w, r, out, M, N, K,
+            *strides, float(residual_weight), **plan.constexprs, **plan.launch_options,
+        )  # fmt: skip
+
+
 def fused_attn_output_residual(
     attn_output: torch.Tensor,
     residual: torch.Tensor,
@@ -585,6 +623,14 @@ def fused_attn_output_residual(
     are taken for inputs; ``out`` must be viewable as [rows, N]. An empty batch returns an
     empty result without a launch. NaN/inf propagate as in the formula.
     """
+    key = _call_key(attn_output, residual, o_proj_weight, residual_weight) if out is None else None
+    checked = _checked_calls.get(key)
+    if checked is not None and math.isfinite(residual_weight):
+        plan, strides = checked
+        out = torch.empty(residual.shape, dtype=residual.dtype, device=residual.device)
+        _launch(plan, attn_output, o_proj_weight, residual, out, strides, residual_weight)
+        return out
+
     _check_inputs(attn_output, residual, o_proj_weight, residual_weight, out)
     N, K = o_proj_weight.shape
     if out is None:
@@ -597,24 +643,13 @@ def fused_attn_output_residual(
     _check_32bit_indexing(attn_output=x2, residual=r2, o_proj_weight=o_proj_weight, out=o2)
     M = x2.shape[0]
     plan = _launch_plan(M, N, K, attn_output.dtype, attn_output.device, _config_override)
-    strides_and_weight = (
-        *x2.stride(),
-        *o_proj_weight.stride(),
-        *r2.stride(),
-        *o2.stride(),
-        float(residual_weight),
-    )
-    if plan.config.path == "gemv":
-        partials, arrivals = _split_k_buffers(attn_output.device, *plan.partials_size)
-        _gemv_residual_kernel[plan.grid](
-            x2, o_proj_weight, r2, o2, partials, arrivals, M, N, K, plan.k_per_split,
-            *strides_and_weight, **plan.constexprs, **plan.launch_options,
-        )  # fmt: skip
-    else:
-        _gemm_residual_kernel[plan.grid](
-            x2, o_proj_weight, r2, o2, M, N, K,
-            *strides_and_weight, **plan.constexprs, **plan.launch_options,
-        )  # fmt: skip
+    strides = (*x2.stride(), *o_proj_weight.stride(), *r2.stride(), *o2.stride())
+    _launch(plan, x2, o_proj_weight, r2, o2, strides, residual_weight)
+    views_only = x2.data_ptr() == attn_output.data_ptr() and r2.data_ptr() == residual.data_ptr()
+    if key is not None and views_only:  # a copied input must be copied again next time
+        if len(_checked_calls) > 4096:
+            _checked_calls.clear()
+        _checked_calls[key] = (plan, strides)
     return out
 
 

@@ -169,3 +169,25 @@ def test_nan_and_inf_propagate_like_the_formula(dtype, device):
     finite = torch.isfinite(ref)
     assert torch.isnan(ref).any() and finite.any()
     assert torch.allclose(got.double()[finite], ref[finite], atol=0.05, rtol=0.02)
+
+
+def test_repeated_calls_take_the_checked_fast_path_and_still_check(device):
+    """The second call with the same signature skips re-checking (eager decode's host cost);
+    it must compute the same result, and any argument that differs must still be checked."""
+    import kernels.fused_attn_output as mod
+
+    x, r, w = _inputs(device, M=4)
+    first = fused_attn_output_residual(x, r, w, 0.5)
+    assert len(mod._checked_calls) >= 1
+    x_new, r_new, _ = _inputs(device, M=4)
+    second = fused_attn_output_residual(x_new, r_new, w, 0.5)
+    ref = attn_output_residual_float64(x_new, r_new, w, 0.5)
+    assert torch.allclose(second.double(), ref, atol=1e-3) and not torch.equal(first, second)
+    with pytest.raises(ValueError, match="residual_weight must be finite"):
+        fused_attn_output_residual(x, r, w, float("nan"))
+    with pytest.raises(TypeError, match="residual_weight must be a real number"):
+        fused_attn_output_residual(x, r, w, True)
+    with pytest.raises(TypeError, match="residual has dtype torch.float16"):
+        fused_attn_output_residual(x, r.half(), w)
+    with pytest.raises(ValueError, match="residual has shape"):
+        fused_attn_output_residual(x, r[:3], w)
