@@ -384,11 +384,13 @@ def heuristic_config(M: int, N: int, K: int, dtype: torch.dtype) -> KernelConfig
     return KernelConfig("gemm", 128, 128, block_k, num_warps=8, num_stages=3)
 
 
+def _choose_config(M, N, K, dtype, override: KernelConfig | None) -> KernelConfig:
+    return override or _tuned_config(M, N, K, dtype) or heuristic_config(M, N, K, dtype)
+
+
 def select_config(M: int, N: int, K: int, dtype: torch.dtype) -> KernelConfig:
     """The configuration a call will use: override, else tuned table, else heuristic."""
-    if _config_override is not None:
-        return _config_override
-    return _tuned_config(M, N, K, dtype) or heuristic_config(M, N, K, dtype)
+    return _choose_config(M, N, K, dtype, _config_override)
 
 
 # --------------------------------------------------------------------------------------------
@@ -424,7 +426,7 @@ def _launch_plan(
 ) -> _LaunchPlan:
     # Cached: the eager decode path calls the kernel once per layer per token, and the
     # per-call Python cost (config lookup, grid arithmetic) is what eager tok/s pays for.
-    cfg = override or _tuned_config(M, N, K, dtype) or heuristic_config(M, N, K, dtype)
+    cfg = _choose_config(M, N, K, dtype, override)
     options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
     use_pdl = cfg.pdl and _pdl_supported(device)
     if use_pdl:
