@@ -47,7 +47,8 @@ def o_proj_residual(
     ``engine.qwen3.o_proj_residual`` (e.g. to plant an extra launch).
     """
     if fused:
-        return fused_attn_output_residual(attn_output, residual, o_proj_weight)
+        # In place: the residual stream is not read again, so no new tensor per layer.
+        return fused_attn_output_residual(attn_output, residual, o_proj_weight, out=residual)
     return unfused_attn_output_residual(attn_output, residual, o_proj_weight)
 
 

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from kernels.launch_checks import check_runnable_device, check_same_dtype, check_tensor
-from kernels.runtime import INTERPRETING
+from kernels.runtime import INTERPRETING, launch, pdl_supported
 
 LOG2E = 1.4426950408889634
 
@@ -51,7 +51,13 @@ def _decode_attention_kernel(
     BLOCK_N: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     IEEE_FP32: tl.constexpr,
+    PDL_TRIGGER: tl.constexpr,
 ):
+    if PDL_TRIGGER:
+        # Let a kernel launched after this one with programmatic dependent launch (the fused
+        # o_proj + residual) start now: it streams its weights while attention runs and
+        # waits for this kernel to finish before reading the attention output.
+        tl.extra.cuda.gdc_launch_dependents()
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     length = tl.load(positions_ptr + b).to(tl.int32) + 1
@@ -156,7 +162,9 @@ def decode_attention(
     scale = D**-0.5 if scale is None else scale
     # The interpreter pays per loop iteration: cover the cache in one or two blocks.
     block_n = min(1024, triton.next_power_of_2(k_cache.shape[2])) if INTERPRETING else 64
-    _decode_attention_kernel[(B, Hkv)](
+    launch(
+        _decode_attention_kernel,
+        (B, Hkv),
         q,
         k_cache,
         v_cache,
@@ -176,6 +184,7 @@ def decode_attention(
         BLOCK_N=block_n,
         UPCAST_DOT=INTERPRETING and q.dtype != torch.float32,
         IEEE_FP32=q.dtype == torch.float32,
+        PDL_TRIGGER=pdl_supported(q.device),
         num_warps=4,
         num_stages=2,
     )

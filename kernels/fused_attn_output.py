@@ -35,8 +35,9 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
-from kernels.runtime import INTERPRETING, gpu_slug
+from kernels.runtime import INTERPRETING, gpu_slug, launch, pdl_supported
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 CONFIG_DIR = Path(__file__).with_name("configs")
@@ -62,6 +63,70 @@ def _residual_epilogue(
         out.to(out_ptr.dtype.element_ty),
         mask=mask,
     )
+
+
+@triton.jit
+def _mma(acc, a, b, UPCAST_DOT: tl.constexpr, IEEE_FP32: tl.constexpr):
+    """acc + a @ b on the tensor cores; fp32 exact (ieee), bf16 upcast under the interpreter."""
+    if UPCAST_DOT:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if IEEE_FP32:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _tile_coords(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grouped ordering of output tiles: consecutive programs share weight tiles in L2."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _gemv_partial(
+    acc, x_ptr, w_ptr, offs_m, offs_n, offs_k, M, N, k_end,
+    stride_xm, stride_xk, stride_wn, stride_wk,
+    USE_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr, IEEE_FP32: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):  # fmt: skip
+    """acc + x[offs_m, offs_k] @ W[offs_n, offs_k].T for one K tile.
+
+    With USE_PDL the weight tile is loaded BEFORE waiting for the previous kernel (weights are
+    never written by it), the activations after: the weight stream of this kernel overlaps
+    the tail of the previous one. The wait returns at once when called a second time.
+    """
+    mask_k = offs_k < k_end
+    mask_n = offs_n < N
+    if USE_DOT:  # W tile read transposed, [BLOCK_K, BLOCK_N], for tl.dot
+        w = tl.load(
+            w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+            mask=mask_k[:, None] & mask_n[None, :],
+            other=0.0,
+        )
+    else:
+        w = tl.load(
+            w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+            mask=mask_n[:, None] & mask_k[None, :],
+            other=0.0,
+        )
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+    x = tl.load(
+        x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+        mask=(offs_m < M)[:, None] & mask_k[None, :],
+        other=0.0,
+    )
+    if USE_DOT:
+        return _mma(acc, x, w, UPCAST_DOT, IEEE_FP32)
+    return acc + tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
 
 
 @triton.jit
@@ -101,55 +166,33 @@ def _gemv_residual_kernel(
     last program to arrive at a tile (counted with an atomic) sums the partials, adds the
     residual and writes the output: still one launch, still rounded once. The arrival
     counter is reset by that last program, so no zero-fill launch is needed between calls.
+
+    With USE_PDL (Hopper programmatic dependent launch) the next kernel is allowed to launch
+    at once: its programs become resident and stream their own weights while this kernel
+    runs, and wait (gdc_wait) for it to finish before they read anything it wrote. Tuned
+    configurations make the first K tile cover the whole slice, so a program's entire weight
+    slice is in flight before its wait.
     """
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_n = offs_n < N
-    mask_m = offs_m < M
     k_begin = pid_k * k_per_split
     k_end = tl.minimum(k_begin + k_per_split, K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_begin, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < k_end
-        if USE_DOT:  # W tile read transposed, [BLOCK_K, BLOCK_N], for tl.dot
-            w = tl.load(
-                w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                mask=mask_k[:, None] & mask_n[None, :],
-                other=0.0,
-            )
-        else:
-            w = tl.load(
-                w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
-                mask=mask_n[:, None] & mask_k[None, :],
-                other=0.0,
-            )
-        if USE_PDL:
-            # Programmatic dependent launch: the weights do not depend on the previous
-            # kernel, so their loads are issued before waiting for it; the activations and
-            # the residual (its outputs) are read only after the wait. Later iterations
-            # return from the wait at once.
-            tl.extra.cuda.gdc_wait()
-        x = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-            mask=mask_m[:, None] & mask_k[None, :],
-            other=0.0,
-        )
-        if USE_DOT:
-            if UPCAST_DOT:
-                x = x.to(tl.float32)
-                w = w.to(tl.float32)
-            if IEEE_FP32:  # noqa: SIM108  (constexpr branch: only one dot is compiled)
-                acc = tl.dot(x, w, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(x, w, acc)
-        else:
-            acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
-    if USE_PDL:
-        tl.extra.cuda.gdc_launch_dependents()
+    # First tile peeled: its weight loads go out before the PDL wait (see _gemv_partial).
+    acc = _gemv_partial(
+        acc, x_ptr, w_ptr, offs_m, offs_n, k_begin + tl.arange(0, BLOCK_K), M, N, k_end,
+        stride_xm, stride_xk, stride_wn, stride_wk, USE_DOT, UPCAST_DOT, IEEE_FP32, USE_PDL,
+    )  # fmt: skip
+    for k0 in range(k_begin + BLOCK_K, k_end, BLOCK_K):
+        acc = _gemv_partial(
+            acc, x_ptr, w_ptr, offs_m, offs_n, k0 + tl.arange(0, BLOCK_K), M, N, k_end,
+            stride_xm, stride_xk, stride_wn, stride_wk, USE_DOT, UPCAST_DOT, IEEE_FP32, False,
+        )  # fmt: skip
     if SPLIT_K == 1:
         _residual_epilogue(
             acc, r_ptr, out_ptr, offs_m, offs_n, M, N,
@@ -203,18 +246,10 @@ def _gemm_residual_kernel(
     IEEE_FP32: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    """Large-M path: tiled tl.dot GEMM, residual added in the epilogue."""
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    # Grouped ordering: consecutive programs share weight tiles in L2.
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
-
+    """Large-M path (any strides): tiled tl.dot GEMM, residual added in the epilogue."""
+    if USE_PDL:  # the next kernel may launch now; it waits for this one before its reads
+        tl.extra.cuda.gdc_launch_dependents()
+    pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -230,21 +265,51 @@ def _gemm_residual_kernel(
         mask_k = offs_k < K - k0
         a = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         b = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        if UPCAST_DOT:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        if IEEE_FP32:  # noqa: SIM108  (constexpr branch: only one dot is compiled)
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
+        acc = _mma(acc, a, b, UPCAST_DOT, IEEE_FP32)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
-    if USE_PDL:
-        tl.extra.cuda.gdc_launch_dependents()
     _residual_epilogue(
         acc, r_ptr, out_ptr, offs_m, offs_n, M, N,
         stride_rm, stride_rn, stride_om, stride_on, residual_weight,
     )  # fmt: skip
+
+
+@triton.jit
+def _gemm_residual_tma_kernel(
+    x_desc,
+    w_desc,
+    r_desc,
+    out_desc,
+    M,
+    N,
+    K,
+    residual_weight,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    IEEE_FP32: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    """Large-M path through the tensor memory accelerator (Hopper TMA descriptors): tiles are
+    copied global -> shared by the copy engine; out-of-range rows and columns are zero-filled
+    on load and clipped on store. Needs contiguous rows with 16-byte aligned strides."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+    pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    off_m = pid_m * BLOCK_M
+    off_n = pid_n * BLOCK_N
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        a = x_desc.load([off_m, k])
+        b = w_desc.load([off_n, k])
+        acc = _mma(acc, a, b.T, UPCAST_DOT, IEEE_FP32)
+    r = r_desc.load([off_m, off_n])
+    out = acc + residual_weight * r.to(tl.float32)
+    out_desc.store([off_m, off_n], out.to(out_desc.dtype))
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,7 +323,9 @@ class KernelConfig:
 
     ``path`` "gemv": small M; ``split_k`` K slices reduced by the last-arriving program,
     ``dot`` picks tl.dot (tiles >= 16) over a float32 multiply-reduce. ``path`` "gemm":
-    tiled tl.dot with grouped ordering. ``pdl``: programmatic dependent launch (Hopper).
+    tiled tl.dot with grouped ordering; ``tma`` loads its tiles through TMA descriptors
+    (calls whose tensors a descriptor cannot take use the pointer GEMM with the same tiles).
+    ``pdl``: programmatic dependent launch (Hopper).
     """
 
     path: str
@@ -271,6 +338,7 @@ class KernelConfig:
     pdl: bool = False
     split_k: int = 1
     dot: bool = False
+    tma: bool = False
 
     def __post_init__(self):
         if self.path not in ("gemv", "gemm"):
@@ -283,6 +351,8 @@ class KernelConfig:
             raise ValueError(
                 f"KernelConfig.split_k must be >= 1 (gemv path only), got {self.split_k}"
             )
+        if self.tma and self.path != "gemm":
+            raise ValueError("KernelConfig.tma applies to the gemm path only")
         if (self.dot or self.path == "gemm") and min(self.BLOCK_M, self.BLOCK_N, self.BLOCK_K) < 16:
             raise ValueError("KernelConfig: tl.dot needs BLOCK_M, BLOCK_N and BLOCK_K >= 16")
 
@@ -367,21 +437,26 @@ def heuristic_config(M: int, N: int, K: int, dtype: torch.dtype) -> KernelConfig
             min(128, max(16, _next_pow2(N))),
             min(512, max(16, k_pow2)),
         )
-    # Shapes of the H100 tuning (kernels/configs) generalised: multiply-reduce up to M=4,
-    # then tl.dot with narrow N tiles and enough K slices for ~2 programs per SM.
+    # Shapes of the H100 tuning (kernels/configs) generalised. Small M: each program's K
+    # slice is one tile, so its whole weight slice is in flight before the PDL wait;
+    # multiply-reduce up to M=4, tl.dot on [16+, 32] tiles above, ~128+ programs.
     if M <= 4:
-        block_n = 4 if M <= 2 else 2
-        return KernelConfig("gemv", m_bucket(M), block_n, min(k_pow2, 2048), num_warps=4)
+        block_k = min(k_pow2, 2048)
+        return KernelConfig(
+            "gemv", m_bucket(M), max(1, 8 // m_bucket(M)), block_k, num_warps=4, pdl=True,
+            split_k=_cdiv(k_pow2, block_k),
+        )  # fmt: skip
     if M <= GEMV_MAX_M:
-        block_m, block_n, block_k = max(16, m_bucket(M)), 32, 128
-        tiles = _cdiv(N, block_n) * _cdiv(M, block_m)
-        split_k = min(8, max(1, _next_pow2(256 // tiles)), max(1, K // block_k))
-        return KernelConfig("gemv", block_m, block_n, block_k, 4, 3, split_k=split_k, dot=True)
+        split_k = min(16, max(1, k_pow2 // 512))
+        block_k = max(16, _cdiv(k_pow2, split_k))
+        return KernelConfig(
+            "gemv", max(16, m_bucket(M)), 32, block_k, 4, 1, pdl=True, split_k=split_k, dot=True
+        )
     # float32 tiles take twice the shared memory per stage: halve BLOCK_K (228 KB per SM).
     block_k = 128 if dtype != torch.float32 else 32
     if M <= 512:
-        return KernelConfig("gemm", 64, 64, block_k, num_warps=4, num_stages=4)
-    return KernelConfig("gemm", 128, 128, block_k, num_warps=8, num_stages=3)
+        return KernelConfig("gemm", 64, 64, block_k, num_warps=4, num_stages=4, pdl=True)
+    return KernelConfig("gemm", 128, 128, block_k, num_warps=8, num_stages=3, pdl=True)
 
 
 def _choose_config(M, N, K, dtype, override: KernelConfig | None) -> KernelConfig:
@@ -396,15 +471,6 @@ def select_config(M: int, N: int, K: int, dtype: torch.dtype) -> KernelConfig:
 # --------------------------------------------------------------------------------------------
 # Launcher
 # --------------------------------------------------------------------------------------------
-
-
-@functools.cache
-def _pdl_supported(device: torch.device) -> bool:
-    return (
-        not INTERPRETING
-        and device.type == "cuda"
-        and torch.cuda.get_device_capability(device)[0] >= 9
-    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -428,7 +494,7 @@ def _launch_plan(
     # per-call Python cost (config lookup, grid arithmetic) is what eager tok/s pays for.
     cfg = _choose_config(M, N, K, dtype, override)
     options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-    use_pdl = cfg.pdl and _pdl_supported(device)
+    use_pdl = cfg.pdl and pdl_supported(device)
     if use_pdl:
         options["launch_pdl"] = True
     constexprs = {
@@ -576,38 +642,64 @@ def _check_32bit_indexing(**matrices: torch.Tensor) -> None:
 
 
 # Inputs already checked once, keyed by everything the checks read (shapes, strides, dtypes,
-# devices, the residual_weight type, the config override): the launch plan and the strides of
-# the [rows, K] / [rows, N] views. Eager decode calls the kernel once per layer per token with
-# the same signature, and re-checking costs more host time than the launch itself.
-_checked_calls: dict[tuple, tuple[_LaunchPlan, tuple[int, ...]]] = {}
+# devices, the residual_weight type, the config override, in place or not): the launch plan,
+# the strides of the [rows, K] / [rows, N] views and the byte extents of attn_output and
+# residual (in place, the one check that depends on the pointers: they must not overlap).
+# Eager decode calls the kernel once per layer per token with the same signature, and
+# re-checking costs more host time than the launch itself.
+_checked_calls: dict[tuple, tuple[_LaunchPlan, tuple[int, ...], int, int]] = {}
 
 
-def _call_key(attn_output, residual, o_proj_weight, residual_weight) -> tuple | None:
+def _call_key(attn_output, residual, o_proj_weight, residual_weight, in_place) -> tuple | None:
     try:
         return (
             attn_output.shape, attn_output.stride(), attn_output.dtype, attn_output.device,
             residual.shape, residual.stride(), residual.dtype, residual.device,
             o_proj_weight.shape, o_proj_weight.stride(), o_proj_weight.dtype,
-            o_proj_weight.device, type(residual_weight), _config_override,
+            o_proj_weight.device, type(residual_weight), _config_override, in_place,
         )  # fmt: skip
     except (AttributeError, TypeError):  # not tensors: the full checks name the argument
         return None
 
 
+def _tma_ready(*matrices: torch.Tensor) -> bool:
+    """TMA descriptors need 16-byte aligned bases and row strides, and contiguous rows."""
+    return all(
+        t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+        for t in matrices
+    )
+
+
 def _launch(plan: _LaunchPlan, x, w, r, out, strides: tuple[int, ...], residual_weight) -> None:
     """One launch; x, r, out may be [..., K] / [..., N] tensors: ``strides`` are their rows'."""
     M, (N, K) = plan.M, w.shape
-    if plan.config.path == "gemv":
+    cfg = plan.config
+    if cfg.path == "gemv":
         partials, arrivals = _split_k_buffers(x.device, *plan.partials_size)
-        _gemv_residual_kernel[plan.grid](
+        launch(
+            _gemv_residual_kernel, plan.grid,
             x, w, r, out, partials, arrivals, M, N, K, plan.k_per_split,
             *strides, float(residual_weight), **plan.constexprs, **plan.launch_options,
         )  # fmt: skip
-    else:
-        _gemm_residual_kernel[plan.grid](
-            x, w, r, out, M, N, K,
-            *strides, float(residual_weight), **plan.constexprs, **plan.launch_options,
-        )  # fmt: skip
+        return
+    if cfg.tma:
+        x2, r2, o2 = x.view(M, K), r.view(M, N), out.view(M, N)
+        if _tma_ready(x2, w, r2, o2):
+            bm, bn, bk = cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_K
+            launch(
+                _gemm_residual_tma_kernel, plan.grid,
+                TensorDescriptor.from_tensor(x2, [bm, bk]),
+                TensorDescriptor.from_tensor(w, [bn, bk]),
+                TensorDescriptor.from_tensor(r2, [bm, bn]),
+                TensorDescriptor.from_tensor(o2, [bm, bn]),
+                M, N, K, float(residual_weight), **plan.constexprs, **plan.launch_options,
+            )  # fmt: skip
+            return
+    launch(
+        _gemm_residual_kernel, plan.grid,
+        x, w, r, out, M, N, K,
+        *strides, float(residual_weight), **plan.constexprs, **plan.launch_options,
+    )  # fmt: skip
 
 
 def fused_attn_output_residual(
@@ -624,12 +716,24 @@ def fused_attn_output_residual(
     inputs' dtype (bf16, fp16 or fp32). ``out`` may be ``residual`` (in place). Any strides
     are taken for inputs; ``out`` must be viewable as [rows, N]. An empty batch returns an
     empty result without a launch. NaN/inf propagate as in the formula.
+
+    On Hopper the kernel is launched with programmatic dependent launch: it may start while
+    the kernel before it in the stream still runs, and it reads ``o_proj_weight`` before
+    waiting for that kernel (``attn_output`` and ``residual`` only after). So the weight must
+    not be written by the kernel launched just before this call, as inference weights are not.
     """
-    key = _call_key(attn_output, residual, o_proj_weight, residual_weight) if out is None else None
+    in_place = out is residual
+    key = None
+    if out is None or in_place:
+        key = _call_key(attn_output, residual, o_proj_weight, residual_weight, in_place)
     checked = _checked_calls.get(key)
     if checked is not None and math.isfinite(residual_weight):
-        plan, strides = checked
-        out = torch.empty(residual.shape, dtype=residual.dtype, device=residual.device)
+        plan, strides, x_bytes, r_bytes = checked
+        x0, r0 = attn_output.data_ptr(), residual.data_ptr()
+        if not in_place:
+            out = torch.empty(residual.shape, dtype=residual.dtype, device=residual.device)
+        elif x0 < r0 + r_bytes and r0 < x0 + x_bytes:  # the full checks name the overlap
+            _check_inputs(attn_output, residual, o_proj_weight, residual_weight, out)
         _launch(plan, attn_output, o_proj_weight, residual, out, strides, residual_weight)
         return out
 
@@ -651,7 +755,8 @@ def fused_attn_output_residual(
     if key is not None and views_only:  # a copied input must be copied again next time
         if len(_checked_calls) > 4096:
             _checked_calls.clear()
-        _checked_calls[key] = (plan, strides)
+        x_span, r_span = _memory_span(attn_output), _memory_span(residual)
+        _checked_calls[key] = (plan, strides, x_span[1] - x_span[0], r_span[1] - r_span[0])
     return out
 
 

@@ -27,6 +27,7 @@ from kernels.launch_checks import (
     check_same_dtype,
     check_tensor,
 )
+from kernels.runtime import launch
 
 # --------------------------------------------------------------------------------------------
 # Triton kernel
@@ -199,7 +200,9 @@ def qk_norm_rope_cache_write(
             f"{T} tokens at tokens_per_seq={tokens_per_seq} need more sequences than the "
             f"cache's {k_cache.shape[0]}"
         )
-    _qk_norm_rope_kernel[(T,)](
+    launch(
+        _qk_norm_rope_kernel,
+        (T,),
         qkv,
         q_norm_weight,
         k_norm_weight,

@@ -24,7 +24,7 @@ from kernels.launch_checks import (
     check_tensor,
     rows_view,
 )
-from kernels.runtime import INTERPRETING
+from kernels.runtime import INTERPRETING, launch
 
 # --------------------------------------------------------------------------------------------
 # Triton kernel
@@ -112,7 +112,9 @@ def _launch(x, residual, weight, eps, out):
     M = x2.shape[0]
     block_n = triton.next_power_of_2(N)
     block_m = _block_m(M, block_n)
-    _rms_norm_kernel[(triton.cdiv(M, block_m),)](
+    launch(
+        _rms_norm_kernel,
+        (triton.cdiv(M, block_m),),
         x2,
         r2,
         weight,

@@ -18,7 +18,7 @@ from kernels.launch_checks import (
     check_tensor,
     rows_view,
 )
-from kernels.runtime import INTERPRETING
+from kernels.runtime import INTERPRETING, launch
 
 # --------------------------------------------------------------------------------------------
 # Triton kernel
@@ -84,8 +84,18 @@ def silu_mul(gate_up: torch.Tensor, *, out: torch.Tensor | None = None) -> torch
     else:
         block_i, block_m = min(1024, triton.next_power_of_2(I)), 1
     grid = (triton.cdiv(M, block_m), triton.cdiv(I, block_i))
-    _silu_mul_kernel[grid](
-        g2, o2, M, I, g2.stride(0), o2.stride(0), BLOCK_M=block_m, BLOCK_I=block_i, num_warps=4
+    launch(
+        _silu_mul_kernel,
+        grid,
+        g2,
+        o2,
+        M,
+        I,
+        g2.stride(0),
+        o2.stride(0),
+        BLOCK_M=block_m,
+        BLOCK_I=block_i,
+        num_warps=4,
     )
     return out
 

@@ -33,7 +33,8 @@ def engine_numerics(model, rows=NUMERICS_ROWS, *, seed: int = 0) -> list[Numeric
         if residual_weight != 1.0:
             raise ValueError("the engine's step has residual_weight 1.0 only")
         # Looked up at call time: a monkeypatched engine.qwen3.o_proj_residual is checked.
-        out.copy_(qwen3.o_proj_residual(attn_output, residual, o_proj_weight, True))
+        # The engine's fused step writes the residual in place: hand it a copy.
+        out.copy_(qwen3.o_proj_residual(attn_output, residual.clone(), o_proj_weight, True))
         return out
 
     c = model.config

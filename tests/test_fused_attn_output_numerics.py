@@ -112,7 +112,12 @@ PATH_VARIANTS = {
     "gemv-fma-splitk3": KernelConfig("gemv", 8, 16, 64, split_k=3),
     "gemv-dot-splitk4": KernelConfig("gemv", 16, 16, 32, num_stages=2, split_k=4, dot=True),
     "gemm": KernelConfig("gemm", 16, 32, 32, num_stages=2),
+    # TMA descriptors need 16-byte aligned row strides: K=333 is not, and falls back to the
+    # pointer GEMM with the same tiles; the 16-aligned shape below takes the TMA kernel.
+    "gemm-tma": KernelConfig("gemm", 16, 32, 32, num_stages=2, tma=True),
 }
+# (N, K) per variant: ragged everywhere, 16-byte aligned rows where TMA needs them.
+VARIANT_SHAPES = {"gemm-tma": [(77, 333), (72, 336)]}
 
 
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
@@ -122,7 +127,8 @@ def test_every_path_variant(variant, dtype, device):
     GEMM) on ragged shapes with several row tiles; called three times in a row, because the
     split-K arrival counters must reset themselves between calls."""
     with use_config(PATH_VARIANTS[variant]):
-        for M in (7, 20, 3):
-            x, r, w = draw_inputs(M, 77, 333, dtype, device)
-            result = check_fused_numerics(fused_attn_output_residual, x, r, w, 0.5)
-            _assert_ok(result, f"{variant} M={M}")
+        for N, K in VARIANT_SHAPES.get(variant, [(77, 333)]):
+            for M in (7, 20, 3):
+                x, r, w = draw_inputs(M, N, K, dtype, device)
+                result = check_fused_numerics(fused_attn_output_residual, x, r, w, 0.5)
+                _assert_ok(result, f"{variant} M={M} N={N} K={K}")

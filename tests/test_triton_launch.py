@@ -1,0 +1,64 @@
+"""kernels.runtime.launch: the host-side fast path that hands arguments straight to the
+compiled kernel must launch the same binary Triton's own path would (same results), and a
+change in what Triton specializes on (pointer alignment, integer values) must not reuse a
+binary compiled for something else."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kernels.runtime as runtime
+from kernels.fused_attn_output import fused_attn_output_residual
+from kernels.rms_norm import rms_norm, rms_norm_reference
+from profiling.numerics import check_fused_numerics, draw_inputs
+
+
+def test_arg_key_tells_apart_what_triton_specializes_on():
+    base = torch.randn(64)
+    aligned, misaligned = base[:32], base[1:33]  # float32: the second starts 4 bytes later
+    assert runtime._arg_key(aligned) != runtime._arg_key(misaligned)
+    assert runtime._arg_key(aligned) != runtime._arg_key(aligned.to(torch.bfloat16))
+    assert runtime._arg_key(16) != runtime._arg_key(17)
+    assert runtime._arg_key(1) != runtime._arg_key(2)
+    assert runtime._arg_key(0.5) == runtime._arg_key(2.0)  # fp32 scalars are not specialized
+    with pytest.raises(TypeError):
+        runtime._arg_key(object())
+
+
+@pytest.mark.gpu
+def test_fast_path_is_taken_and_matches_triton_path(monkeypatch):
+    if not runtime.FAST_LAUNCH:
+        pytest.skip("FUSIONGUARD_TRITON_LAUNCH=jit: every launch takes Triton's own path")
+    x, r, w = draw_inputs(1, 1024, 2048, torch.bfloat16, "cuda")
+    first = fused_attn_output_residual(x, r, w)  # Triton's path (or an earlier test's)
+    entries = len(runtime._compiled_launches)
+    for _ in range(3):  # the fast path: no new entry, bitwise the same result
+        again = fused_attn_output_residual(x, r, w)
+        assert torch.equal(again, first)
+    assert len(runtime._compiled_launches) == entries
+    monkeypatch.setattr(runtime, "FAST_LAUNCH", False)
+    assert torch.equal(fused_attn_output_residual(x, r, w), first)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 16, 512])
+def test_misaligned_inputs_after_aligned_ones(M):
+    """Same shapes and strides, but attn_output now starts 2 bytes past a 16-byte boundary:
+    the binary compiled for aligned pointers must not be reused (D2 on the result)."""
+    for offset in (0, 1, 0):
+        x, r, w = draw_inputs(M, 1024, 2048, torch.bfloat16, "cuda")
+        storage = torch.randn(M * 2048 + 8, device="cuda").to(torch.bfloat16)
+        shifted = storage[offset : offset + M * 2048].view(M, 2048).copy_(x)
+        result = check_fused_numerics(fused_attn_output_residual, shifted, r, w)
+        assert result.ok, f"offset {offset}: {result.summary()}"
+
+
+@pytest.mark.gpu
+def test_small_op_through_fast_path_on_fresh_inputs():
+    w = torch.randn(1024, device="cuda").to(torch.bfloat16)
+    for rows in (1, 1, 3, 1):  # repeats go through the fast path, a new row count does not
+        x = torch.randn(rows, 1024, device="cuda").to(torch.bfloat16)
+        out = torch.full_like(x, float("nan"))
+        rms_norm(x, w, 1e-6, out=out)
+        torch.testing.assert_close(out, rms_norm_reference(x, w, 1e-6), atol=0, rtol=1e-2)
