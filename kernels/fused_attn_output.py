@@ -51,16 +51,19 @@ GEMV_MAX_M = 64
 
 
 @triton.jit
-def _residual_epilogue(
-    acc, r_ptr, out_ptr, offs_m, offs_n, M, N, stride_rm, stride_rn, stride_om, stride_on, rw
-):
-    """out = acc + rw * residual, rounded once to out's dtype."""
+def _load_residual(r_ptr, offs_m, offs_n, M, N, stride_rm, stride_rn):
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     r = tl.load(r_ptr + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn, mask=mask)
-    out = acc + rw * r.to(tl.float32)
+    return r.to(tl.float32)
+
+
+@triton.jit
+def _store_out(acc, r, rw, out_ptr, offs_m, offs_n, M, N, stride_om, stride_on):
+    """out = acc + rw * residual, rounded once to out's dtype."""
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     tl.store(
         out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
-        out.to(out_ptr.dtype.element_ty),
+        (acc + rw * r).to(out_ptr.dtype.element_ty),
         mask=mask,
     )
 
@@ -68,12 +71,16 @@ def _residual_epilogue(
 @triton.jit
 def _mma(acc, a, b, UPCAST_DOT: tl.constexpr, IEEE_FP32: tl.constexpr):
     """acc + a @ b on the tensor cores; fp32 exact (ieee), bf16 upcast under the interpreter."""
+    # One return at the end: Triton 3.6 does not end a function at a return inside a
+    # constexpr branch.
     if UPCAST_DOT:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
-    if IEEE_FP32:
-        return tl.dot(a, b, acc, input_precision="ieee")
-    return tl.dot(a, b, acc)
+    if IEEE_FP32:  # noqa: SIM108  (constexpr branch: only one dot is compiled)
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
 
 
 @triton.jit
@@ -91,21 +98,11 @@ def _tile_coords(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
 
 
 @triton.jit
-def _gemv_partial(
-    acc, x_ptr, w_ptr, offs_m, offs_n, offs_k, M, N, k_end,
-    stride_xm, stride_xk, stride_wn, stride_wk,
-    USE_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr, IEEE_FP32: tl.constexpr,
-    USE_PDL: tl.constexpr,
-):  # fmt: skip
-    """acc + x[offs_m, offs_k] @ W[offs_n, offs_k].T for one K tile.
-
-    With USE_PDL the weight tile is loaded BEFORE waiting for the previous kernel (weights are
-    never written by it), the activations after: the weight stream of this kernel overlaps
-    the tail of the previous one. The wait returns at once when called a second time.
-    """
-    mask_k = offs_k < k_end
+def _load_weight_tile(w_ptr, offs_n, offs_k, N, k_end, stride_wn, stride_wk, USE_DOT: tl.constexpr):
+    """W[offs_n, offs_k]: as [BLOCK_K, BLOCK_N] (transposed) for tl.dot, else [BLOCK_N, BLOCK_K]."""
     mask_n = offs_n < N
-    if USE_DOT:  # W tile read transposed, [BLOCK_K, BLOCK_N], for tl.dot
+    mask_k = offs_k < k_end
+    if USE_DOT:
         w = tl.load(
             w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
             mask=mask_k[:, None] & mask_n[None, :],
@@ -117,16 +114,25 @@ def _gemv_partial(
             mask=mask_n[:, None] & mask_k[None, :],
             other=0.0,
         )
-    if USE_PDL:
-        tl.extra.cuda.gdc_wait()
+    return w
+
+
+@triton.jit
+def _gemv_tile(
+    acc, w, x_ptr, offs_m, offs_k, M, k_end, stride_xm, stride_xk,
+    USE_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr, IEEE_FP32: tl.constexpr,
+):  # fmt: skip
+    """acc + x[offs_m, offs_k] @ (weight tile).T"""
     x = tl.load(
         x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-        mask=(offs_m < M)[:, None] & mask_k[None, :],
+        mask=(offs_m < M)[:, None] & (offs_k < k_end)[None, :],
         other=0.0,
     )
     if USE_DOT:
-        return _mma(acc, x, w, UPCAST_DOT, IEEE_FP32)
-    return acc + tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+        acc = _mma(acc, x, w, UPCAST_DOT, IEEE_FP32)
+    else:
+        acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+    return acc
 
 
 @triton.jit
@@ -169,9 +175,10 @@ def _gemv_residual_kernel(
 
     With USE_PDL (Hopper programmatic dependent launch) the next kernel is allowed to launch
     at once: its programs become resident and stream their own weights while this kernel
-    runs, and wait (gdc_wait) for it to finish before they read anything it wrote. Tuned
-    configurations make the first K tile cover the whole slice, so a program's entire weight
-    slice is in flight before its wait.
+    runs. Each program issues its first weight tile (tuned configurations make it the whole
+    K slice) BEFORE waiting for the previous kernel (gdc_wait; weights are never written by
+    it), and the activations and the residual, which that kernel may have written, after.
+    What is left after the wait is one round of loads that hit L2, the reduction, the store.
     """
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
@@ -182,22 +189,27 @@ def _gemv_residual_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     k_begin = pid_k * k_per_split
     k_end = tl.minimum(k_begin + k_per_split, K)
+    offs_k = k_begin + tl.arange(0, BLOCK_K)
+    w = _load_weight_tile(w_ptr, offs_n, offs_k, N, k_end, stride_wn, stride_wk, USE_DOT)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+    # The residual is loaded together with the activations, not after the reduction: one
+    # memory latency less on the path that the next kernel waits for.
+    r = _load_residual(r_ptr, offs_m, offs_n, M, N, stride_rm, stride_rn)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # First tile peeled: its weight loads go out before the PDL wait (see _gemv_partial).
-    acc = _gemv_partial(
-        acc, x_ptr, w_ptr, offs_m, offs_n, k_begin + tl.arange(0, BLOCK_K), M, N, k_end,
-        stride_xm, stride_xk, stride_wn, stride_wk, USE_DOT, UPCAST_DOT, IEEE_FP32, USE_PDL,
+    acc = _gemv_tile(
+        acc, w, x_ptr, offs_m, offs_k, M, k_end, stride_xm, stride_xk,
+        USE_DOT, UPCAST_DOT, IEEE_FP32,
     )  # fmt: skip
-    for k0 in range(k_begin + BLOCK_K, k_end, BLOCK_K):
-        acc = _gemv_partial(
-            acc, x_ptr, w_ptr, offs_m, offs_n, k0 + tl.arange(0, BLOCK_K), M, N, k_end,
-            stride_xm, stride_xk, stride_wn, stride_wk, USE_DOT, UPCAST_DOT, IEEE_FP32, False,
+    for k0 in range(k_begin + BLOCK_K, k_end, BLOCK_K):  # none when one tile covers the slice
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        w = _load_weight_tile(w_ptr, offs_n, offs_k, N, k_end, stride_wn, stride_wk, USE_DOT)
+        acc = _gemv_tile(
+            acc, w, x_ptr, offs_m, offs_k, M, k_end, stride_xm, stride_xk,
+            USE_DOT, UPCAST_DOT, IEEE_FP32,
         )  # fmt: skip
     if SPLIT_K == 1:
-        _residual_epilogue(
-            acc, r_ptr, out_ptr, offs_m, offs_n, M, N,
-            stride_rm, stride_rn, stride_om, stride_on, residual_weight,
-        )  # fmt: skip
+        _store_out(acc, r, residual_weight, out_ptr, offs_m, offs_n, M, N, stride_om, stride_on)
     else:
         tile = pid_m * tl.num_programs(0) + pid_n
         tile_partials = partials_ptr + tile * (SPLIT_K * BLOCK_M * BLOCK_N)
@@ -213,10 +225,9 @@ def _gemv_residual_kernel(
                 total += tl.load(
                     tile_partials + s * (BLOCK_M * BLOCK_N) + offs_tile, cache_modifier=".cg"
                 )
-            _residual_epilogue(
-                total, r_ptr, out_ptr, offs_m, offs_n, M, N,
-                stride_rm, stride_rn, stride_om, stride_on, residual_weight,
-            )  # fmt: skip
+            _store_out(
+                total, r, residual_weight, out_ptr, offs_m, offs_n, M, N, stride_om, stride_on
+            )
             tl.atomic_xchg(arrivals_ptr + tile, 0, sem="relaxed", scope="gpu")
 
 
@@ -268,10 +279,8 @@ def _gemm_residual_kernel(
         acc = _mma(acc, a, b, UPCAST_DOT, IEEE_FP32)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
-    _residual_epilogue(
-        acc, r_ptr, out_ptr, offs_m, offs_n, M, N,
-        stride_rm, stride_rn, stride_om, stride_on, residual_weight,
-    )  # fmt: skip
+    r = _load_residual(r_ptr, offs_m, offs_n, M, N, stride_rm, stride_rn)
+    _store_out(acc, r, residual_weight, out_ptr, offs_m, offs_n, M, N, stride_om, stride_on)
 
 
 @triton.jit

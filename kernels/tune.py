@@ -61,18 +61,18 @@ def _gemv_candidates(M: int, N: int, K: int) -> list[KernelConfig]:
     out = []
     for split in (1, 2, 4, 8, 16):
         block_k = triton.next_power_of_2(triton.cdiv(K, split))
-        if M <= 4:  # float32 multiply-reduce
-            for bn, warps in itertools.product((2, 4, 8, 16), (4, 8)):
+        if M <= 4:  # float32 multiply-reduce (tl.dot on 16-row tiles is tried below too)
+            for bn, warps in itertools.product((1, 2, 4, 8, 16), (4, 8)):
                 programs = triton.cdiv(N, bn) * split
-                if M * bn * block_k <= 16384 and 64 <= programs <= 4096:
+                if M * bn * block_k <= 16384 and 128 <= programs <= 2048:
                     cfg = KernelConfig("gemv", M, bn, block_k, warps, 1, pdl=True, split_k=split)
                     out.append(cfg)
-        else:  # tl.dot on [16+, BLOCK_N] tiles
+        if M >= 2:  # tl.dot on [16+, BLOCK_N] tiles (rows beyond M are masked)
             block_m = max(16, M)
             for bn, warps in itertools.product((16, 32, 64), (4, 8)):
                 programs = triton.cdiv(N, bn) * split * triton.cdiv(M, block_m)
                 fits = 64 <= block_k <= 512 and bn * block_k <= 16384
-                if fits and 64 <= programs <= 4096:
+                if fits and 128 <= programs <= 2048:
                     cfg = KernelConfig("gemv", block_m, bn, block_k, warps, 1, pdl=True,
                                        split_k=split, dot=True)  # fmt: skip
                     out.append(cfg)
@@ -104,6 +104,9 @@ def tune_shape(N: int, K: int, dtype: torch.dtype, buckets, log) -> tuple[dict, 
                 continue
             results.append((us, cfg))
         results.sort(key=lambda item: item[0])
+        if not results:  # the bucket keeps no entry: its M takes the next tuned bucket's
+            log(f"N={N} K={K} M={M}: no candidate ran")
+            continue
         # Re-time the four fastest with more rounds: the first pass is noisy.
         final = []
         for _, cfg in results[:4]:
@@ -154,7 +157,7 @@ def main(argv=None) -> None:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{gpu_slug()}.json"
-    if path.exists():  # shapes not tuned in this run keep their configurations
+    if path.exists():  # shapes and buckets not tuned in this run keep their configurations
         previous = json.loads(path.read_text())
         table["configs"] = previous.get("configs", {})
         table["timings"] = previous.get("timings", {})
@@ -162,8 +165,8 @@ def main(argv=None) -> None:
         N, K = QWEN3_O_PROJ_SHAPES[name]
         key = f"{N}x{K}"
         configs, timings = tune_shape(N, K, dtype, args.buckets, lambda s: print(s, flush=True))
-        table["configs"].setdefault(key, {})[args.dtype] = configs
-        table["timings"].setdefault(key, {})[args.dtype] = timings
+        table["configs"].setdefault(key, {}).setdefault(args.dtype, {}).update(configs)
+        table["timings"].setdefault(key, {}).setdefault(args.dtype, {}).update(timings)
         # Written after every shape: a run cut short keeps the shapes it finished.
         path.write_text(json.dumps(table, indent=1) + "\n")
         print(f"wrote {path} ({name}) at {time.time() - started:.0f} s", flush=True)
