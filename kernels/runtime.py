@@ -64,18 +64,28 @@ def _arg_key(arg: object) -> object:
     """
     if isinstance(arg, torch.Tensor):
         return (arg.dtype, arg.data_ptr() % 16 == 0)
-    if isinstance(arg, int | bool | None):  # bool is an int: the value keys both
+    if isinstance(arg, _BY_VALUE):  # bool is an int: the value keys both
         return arg
     if isinstance(arg, float):
         return float
     raise TypeError
 
 
+_BY_VALUE = (int, type(None))
+
+
+_runtime_knobs = getattr(getattr(triton, "knobs", None), "runtime", None)
+
+
 def _launch_hooks_set() -> bool:
-    runtime_knobs = getattr(getattr(triton, "knobs", None), "runtime", None)
-    return runtime_knobs is not None and (
-        runtime_knobs.launch_enter_hook is not None or runtime_knobs.launch_exit_hook is not None
-    )
+    """A launch hook (e.g. a Triton profiler's) is installed: it needs Triton's own path.
+    Newer Triton keeps the hooks in a HookChain that is never None: empty means none."""
+    if _runtime_knobs is None:
+        return False
+    for hook in (_runtime_knobs.launch_enter_hook, _runtime_knobs.launch_exit_hook):
+        if hook is not None and getattr(hook, "calls", True):
+            return True
+    return False
 
 
 def launch(kernel, grid: tuple[int, ...], *args, **kwargs) -> None:

@@ -56,24 +56,30 @@ GEMM_TILINGS = [
 
 
 def _gemv_candidates(M: int, N: int, K: int) -> list[KernelConfig]:
-    """Small M: every program's whole K slice is one tile (its weights in flight before the
-    PDL wait), enough programs to cover the SMs, tiles that fit the registers."""
+    """Small M. Mostly one tile per K slice (the program's whole weight slice in flight before
+    the PDL wait), enough programs to cover the SMs, tiles that fit the registers; from M=32
+    also pipelined K loops over smaller tiles (the x tile of a whole slice gets too big)."""
     out = []
     for split in (1, 2, 4, 8, 16):
-        block_k = triton.next_power_of_2(triton.cdiv(K, split))
-        if M <= 4:  # float32 multiply-reduce (tl.dot on 16-row tiles is tried below too)
+        slice_k = triton.next_power_of_2(triton.cdiv(K, split))
+        if M <= 16:  # float32 multiply-reduce
             for bn, warps in itertools.product((1, 2, 4, 8, 16), (4, 8)):
                 programs = triton.cdiv(N, bn) * split
-                if M * bn * block_k <= 16384 and 128 <= programs <= 2048:
-                    cfg = KernelConfig("gemv", M, bn, block_k, warps, 1, pdl=True, split_k=split)
+                if M * bn * slice_k <= 16384 and 128 <= programs <= 2048:
+                    cfg = KernelConfig("gemv", M, bn, slice_k, warps, 1, pdl=True, split_k=split)
                     out.append(cfg)
         if M >= 2:  # tl.dot on [16+, BLOCK_N] tiles (rows beyond M are masked)
             block_m = max(16, M)
             for bn, warps in itertools.product((16, 32, 64), (4, 8)):
                 programs = triton.cdiv(N, bn) * split * triton.cdiv(M, block_m)
-                fits = 64 <= block_k <= 512 and bn * block_k <= 16384
-                if fits and 128 <= programs <= 2048:
-                    cfg = KernelConfig("gemv", block_m, bn, block_k, warps, 1, pdl=True,
+                if not 64 <= programs <= 2048:
+                    continue
+                if slice_k >= 64 and bn * slice_k <= 32768 and block_m * slice_k <= 32768:
+                    cfg = KernelConfig("gemv", block_m, bn, slice_k, warps, 1, pdl=True,
+                                       split_k=split, dot=True)  # fmt: skip
+                    out.append(cfg)
+                if M >= 32 and warps == 4 and slice_k >= 256:
+                    cfg = KernelConfig("gemv", block_m, bn, 128, warps, 3, pdl=True,
                                        split_k=split, dot=True)  # fmt: skip
                     out.append(cfg)
     return out
