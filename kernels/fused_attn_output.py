@@ -679,16 +679,26 @@ def _tma_ready(*matrices: torch.Tensor) -> bool:
     )
 
 
-def _launch(plan: _LaunchPlan, x, w, r, out, strides: tuple[int, ...], residual_weight) -> None:
-    """One launch; x, r, out may be [..., K] / [..., N] tensors: ``strides`` are their rows'."""
+def _launch(
+    plan: _LaunchPlan, x, w, r, out, strides: tuple[int, ...], residual_weight, call_key=None
+) -> None:
+    """One launch; x, r, out may be [..., K] / [..., N] tensors: ``strides`` are their rows'.
+
+    ``call_key``: the checked-call key of these inputs (it fixes every shape, stride and
+    dtype); with the alignment of the pointers it keys the launch fast path directly.
+    """
     M, (N, K) = plan.M, w.shape
     cfg = plan.config
     if cfg.path == "gemv":
         partials, arrivals = _split_k_buffers(x.device, *plan.partials_size)
+        if call_key is not None:  # the split-K buffers are always 16-byte aligned
+            aligned = tuple(t.data_ptr() % 16 == 0 for t in (x, w, r, out))
+            call_key = (call_key, aligned)
         launch(
             _gemv_residual_kernel, plan.grid,
             x, w, r, out, partials, arrivals, M, N, K, plan.k_per_split,
-            *strides, float(residual_weight), **plan.constexprs, **plan.launch_options,
+            *strides, float(residual_weight), key=call_key, **plan.constexprs,
+            **plan.launch_options,
         )  # fmt: skip
         return
     if cfg.tma:
@@ -743,7 +753,7 @@ def fused_attn_output_residual(
             out = torch.empty(residual.shape, dtype=residual.dtype, device=residual.device)
         elif x0 < r0 + r_bytes and r0 < x0 + x_bytes:  # the full checks name the overlap
             _check_inputs(attn_output, residual, o_proj_weight, residual_weight, out)
-        _launch(plan, attn_output, o_proj_weight, residual, out, strides, residual_weight)
+        _launch(plan, attn_output, o_proj_weight, residual, out, strides, residual_weight, key)
         return out
 
     _check_inputs(attn_output, residual, o_proj_weight, residual_weight, out)

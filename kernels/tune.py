@@ -68,20 +68,22 @@ def _gemv_candidates(M: int, N: int, K: int) -> list[KernelConfig]:
                 if M * bn * slice_k <= 16384 and 128 <= programs <= 2048:
                     cfg = KernelConfig("gemv", M, bn, slice_k, warps, 1, pdl=True, split_k=split)
                     out.append(cfg)
-        if M >= 2:  # tl.dot on [16+, BLOCK_N] tiles (rows beyond M are masked)
-            block_m = max(16, M)
-            for bn, warps in itertools.product((16, 32, 64), (4, 8)):
-                programs = triton.cdiv(N, bn) * split * triton.cdiv(M, block_m)
-                if not 64 <= programs <= 2048:
-                    continue
-                if slice_k >= 64 and bn * slice_k <= 32768 and block_m * slice_k <= 32768:
-                    cfg = KernelConfig("gemv", block_m, bn, slice_k, warps, 1, pdl=True,
-                                       split_k=split, dot=True)  # fmt: skip
-                    out.append(cfg)
-                if M >= 32 and warps == 4 and slice_k >= 256:
-                    cfg = KernelConfig("gemv", block_m, bn, 128, warps, 3, pdl=True,
-                                       split_k=split, dot=True)  # fmt: skip
-                    out.append(cfg)
+        if M < 2:
+            continue
+        # tl.dot on [16+, BLOCK_N] tiles (rows beyond M are masked); large M also in 16-row
+        # tiles, whose x tile of a whole K slice still fits the registers.
+        for block_m, bn, warps in itertools.product(sorted({max(16, M), 16}), (16, 32, 64), (4, 8)):
+            programs = triton.cdiv(N, bn) * split * triton.cdiv(M, block_m)
+            if not 64 <= programs <= 2048:
+                continue
+            if slice_k >= 64 and bn * slice_k <= 32768 and block_m * slice_k <= 32768:
+                cfg = KernelConfig("gemv", block_m, bn, slice_k, warps, 1, pdl=True,
+                                   split_k=split, dot=True)  # fmt: skip
+                out.append(cfg)
+            if M >= 32 and warps == 4 and slice_k >= 256:
+                cfg = KernelConfig("gemv", block_m, bn, 128, warps, 3, pdl=True,
+                                   split_k=split, dot=True)  # fmt: skip
+                out.append(cfg)
     return out
 
 
@@ -109,6 +111,7 @@ def tune_shape(N: int, K: int, dtype: torch.dtype, buckets, log) -> tuple[dict, 
                 log(f"  skip {cfg}: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
                 continue
             results.append((us, cfg))
+            log(f"  {us:7.2f} us  {cfg}")
         results.sort(key=lambda item: item[0])
         if not results:  # the bucket keeps no entry: its M takes the next tuned bucket's
             log(f"N={N} K={K} M={M}: no candidate ran")

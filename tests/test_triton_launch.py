@@ -49,17 +49,35 @@ def test_fast_path_is_taken_and_matches_triton_path(monkeypatch):
     assert jit_runs  # and the switch does send it through Triton's path
 
 
+def _shifted_copy(t: torch.Tensor, offset: int) -> torch.Tensor:
+    """A copy of ``t`` whose data starts ``offset`` elements past a 16-byte boundary."""
+    storage = torch.empty(t.numel() + 8, dtype=t.dtype, device=t.device)
+    return storage[offset : offset + t.numel()].view(t.shape).copy_(t)
+
+
+def _through_fast_path(in_place: bool, x_offset: int, r_offset: int):
+    """The fused call with out=None or out=residual (the keyed fast path), on copies of
+    attn_output and residual shifted by the given element offsets."""
+
+    def fused(x, r, w, rw=1.0, *, out):
+        x, r = _shifted_copy(x, x_offset), _shifted_copy(r, r_offset)
+        return out.copy_(fused_attn_output_residual(x, r, w, rw, out=r if in_place else None))
+
+    return fused
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("in_place", [False, True], ids=["out-of-place", "in-place"])
 @pytest.mark.parametrize("M", [1, 16, 512])
-def test_misaligned_inputs_after_aligned_ones(M):
-    """Same shapes and strides, but attn_output now starts 2 bytes past a 16-byte boundary:
-    the binary compiled for aligned pointers must not be reused (D2 on the result)."""
-    for offset in (0, 1, 0):
+def test_alignment_changes_between_calls_of_one_signature(M, in_place):
+    """Same shapes and strides call after call, but attn_output and residual start at or 2
+    bytes past a 16-byte boundary in turn: a binary compiled for aligned pointers must never
+    run on misaligned ones (D2 on every result)."""
+    for x_offset, r_offset in [(0, 0), (1, 0), (0, 1), (1, 1), (0, 0), (1, 0)]:
         x, r, w = draw_inputs(M, 1024, 2048, torch.bfloat16, "cuda")
-        storage = torch.randn(M * 2048 + 8, device="cuda").to(torch.bfloat16)
-        shifted = storage[offset : offset + M * 2048].view(M, 2048).copy_(x)
-        result = check_fused_numerics(fused_attn_output_residual, shifted, r, w)
-        assert result.ok, f"offset {offset}: {result.summary()}"
+        fused = _through_fast_path(in_place, x_offset, r_offset)
+        result = check_fused_numerics(fused, x, r, w)
+        assert result.ok, f"offsets x {x_offset} r {r_offset}: {result.summary()}"
 
 
 @pytest.mark.gpu
