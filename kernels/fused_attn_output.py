@@ -769,9 +769,11 @@ def fused_attn_output_residual(
     M = x2.shape[0]
     plan = _launch_plan(M, N, K, attn_output.dtype, attn_output.device, _config_override)
     strides = (*x2.stride(), *o_proj_weight.stride(), *r2.stride(), *o2.stride())
-    _launch(plan, x2, o_proj_weight, r2, o2, strides, residual_weight)
     views_only = x2.data_ptr() == attn_output.data_ptr() and r2.data_ptr() == residual.data_ptr()
-    if key is not None and views_only:  # a copied input must be copied again next time
+    if not views_only:  # a copied input must be copied again next time: no fast path
+        key = None
+    _launch(plan, x2, o_proj_weight, r2, o2, strides, residual_weight, key)
+    if key is not None:
         if len(_checked_calls) > 4096:
             _checked_calls.clear()
         x_span, r_span = _memory_span(attn_output), _memory_span(residual)
