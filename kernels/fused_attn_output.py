@@ -8,9 +8,15 @@ saving is a launch and the ~2 KB intermediate per layer at decode, not bandwidth
 read the same 4.2 MB of weights per layer (N=1024, K=2048, bf16).
 
 Two code paths, chosen per call by M (token rows):
-- ``gemv``: small M (decode). Programs tile N finely so that every SM streams a slice of the
-  weight; the dot is a broadcast-multiply-reduce in float32 (no tensor-core minimum tile).
-- ``gemm``: larger M (prefill). A tiled ``tl.dot`` GEMM with the residual in the epilogue.
+- ``gemv``: small M (decode). Programs tile N finely (and split K where that fills the SMs
+  better; the last program to finish a tile reduces it, still one launch) so that every SM
+  streams a slice of the weight; the dot is a float32 multiply-reduce, or ``tl.dot`` on
+  16-row tiles. On Hopper it uses programmatic dependent launch (PDL): the kernel lets the
+  next one launch at once, and loads its weight slice before waiting for the previous one,
+  so one kernel's weight stream overlaps the tail of the kernel before it.
+- ``gemm``: larger M (prefill). A tiled ``tl.dot`` GEMM with the residual in the epilogue,
+  its tiles loaded through TMA descriptors where the tensors allow (16-byte aligned rows),
+  else through pointers.
 
 The launch configuration comes from the tuned table for this GPU (kernels/configs/<gpu>.json,
 written by kernels/tune.py from real runs) or from a shape heuristic. Under the Triton
