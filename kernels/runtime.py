@@ -52,6 +52,7 @@ def pdl_supported(device: torch.device) -> bool:
 FAST_LAUNCH: bool = os.environ.get("FUSIONGUARD_TRITON_LAUNCH", "fast") != "jit"
 # (kernel, grid, device, argument key) -> (launcher, function, packed metadata, constexpr tail)
 _compiled_launches: dict[tuple, tuple] = {}
+_BY_VALUE = (int, type(None))  # keyed by value (bool is an int)
 
 
 def _arg_key(arg: object) -> object:
@@ -64,14 +65,11 @@ def _arg_key(arg: object) -> object:
     """
     if isinstance(arg, torch.Tensor):
         return (arg.dtype, arg.data_ptr() % 16 == 0)
-    if isinstance(arg, _BY_VALUE):  # bool is an int: the value keys both
+    if isinstance(arg, _BY_VALUE):
         return arg
     if isinstance(arg, float):
         return float
     raise TypeError
-
-
-_BY_VALUE = (int, type(None))
 
 
 _runtime_knobs = getattr(getattr(triton, "knobs", None), "runtime", None)

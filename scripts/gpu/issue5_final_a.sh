@@ -3,18 +3,8 @@
 # 6-minute gate tests), then the kernel benchmark (fused vs F.linear+add, addmm_,
 # torch.compile at M 1..2048 for four Qwen3 shapes) saved by pytest-benchmark as this GPU's
 # new kernel baseline. Call B (issue5_final_b.sh) records decode tok/s and runs the gate tests.
-# Usage: FUSIONGUARD_COMMIT=<sha> OUT=out bash scripts/gpu/issue5_final.sh
-set -uo pipefail
-OUT=${OUT:-out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD MPLBACKEND=Agg
-if ls .whl/*.whl >/dev/null 2>&1; then  # nvtx is not on the runner: carried as a wheel
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD
-fi
-{ date -u; nvidia-smi --query-gpu=name,driver_version --format=csv
-  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-  echo "commit ${FUSIONGUARD_COMMIT:-unknown}"; } > "$OUT/env.txt" 2>&1
-step() { local name=$1 limit=$2; shift 2; echo "=== $name ($(date -u +%T))"; timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; local rc=$?; tail -n ${TAILN:-6} "$OUT/$name.log"; echo "=== $name rc=$rc"; return $rc; }
+# Usage: FUSIONGUARD_COMMIT=<sha> OUT=out bash scripts/gpu/issue5_final_a.sh
+source "$(dirname "$0")/common.sh"
 step suite 200 python3 -m pytest -m "not bench" -q -p no:cacheprovider --ignore=tests/test_gate.py -rs
 slug=$(python3 -c "from kernels.runtime import gpu_slug; print(gpu_slug())")
 TAILN=4 step bench 400 python3 -m pytest tests/test_kernel_bench.py -m bench -q -p no:cacheprovider \
