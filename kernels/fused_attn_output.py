@@ -754,11 +754,12 @@ def fused_attn_output_residual(
     checked = _checked_calls.get(key)
     if checked is not None and math.isfinite(residual_weight):
         plan, strides, x_bytes, r_bytes = checked
-        x0, r0 = attn_output.data_ptr(), residual.data_ptr()
         if not in_place:
             out = torch.empty(residual.shape, dtype=residual.dtype, device=residual.device)
-        elif x0 < r0 + r_bytes and r0 < x0 + x_bytes:  # the full checks name the overlap
-            _check_inputs(attn_output, residual, o_proj_weight, residual_weight, out)
+        else:
+            x0, r0 = attn_output.data_ptr(), residual.data_ptr()
+            if x0 < r0 + r_bytes and r0 < x0 + x_bytes:  # the full checks name the overlap
+                _check_inputs(attn_output, residual, o_proj_weight, residual_weight, out)
         _launch(plan, attn_output, o_proj_weight, residual, out, strides, residual_weight, key)
         return out
 

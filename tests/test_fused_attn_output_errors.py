@@ -191,3 +191,15 @@ def test_repeated_calls_take_the_checked_fast_path_and_still_check(device):
         fused_attn_output_residual(x, r.half(), w)
     with pytest.raises(ValueError, match="residual has shape"):
         fused_attn_output_residual(x, r[:3], w)
+
+
+def test_in_place_fast_path_still_refuses_an_overlap(device):
+    """In place (out=residual), a cached signature skips the checks but not the one that
+    depends on the pointers: attn_output must not overlap the residual it overwrites."""
+    x, r, w = _inputs(device, M=2, N=96, K=96)
+    fused_attn_output_residual(x, r, w, out=r)  # the signature is now checked and cached
+    fused_attn_output_residual(x.clone(), r, w, out=r)  # fast path, fresh pointers: fine
+    shared = torch.randn(2 * 96 + 48, device=device, dtype=x.dtype)
+    x_over, r_over = shared[: 2 * 96].view(2, 96), shared[48:].view(2, 96)
+    with pytest.raises(ValueError, match="out overlaps attn_output"):
+        fused_attn_output_residual(x_over, r_over, w, out=r_over)
