@@ -560,9 +560,12 @@ def _memory_span(t: torch.Tensor) -> tuple[int, int]:
     return (t.data_ptr(), t.data_ptr() + (extent + 1) * t.element_size())
 
 
+def _spans_overlap(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    return a[0] < b[1] and b[0] < a[1]
+
+
 def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
-    (a0, a1), (b0, b1) = _memory_span(a), _memory_span(b)
-    return a0 < b1 and b0 < a1
+    return _spans_overlap(_memory_span(a), _memory_span(b))
 
 
 def _check_inputs(attn_output, residual, o_proj_weight, residual_weight, out) -> None:
@@ -758,7 +761,7 @@ def fused_attn_output_residual(
             out = torch.empty(residual.shape, dtype=residual.dtype, device=residual.device)
         else:
             x0, r0 = attn_output.data_ptr(), residual.data_ptr()
-            if x0 < r0 + r_bytes and r0 < x0 + x_bytes:  # the full checks name the overlap
+            if _spans_overlap((x0, x0 + x_bytes), (r0, r0 + r_bytes)):  # the checks name it
                 _check_inputs(attn_output, residual, o_proj_weight, residual_weight, out)
         _launch(plan, attn_output, o_proj_weight, residual, out, strides, residual_weight, key)
         return out
