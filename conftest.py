@@ -1,4 +1,5 @@
-"""Suite-wide set-up: interpreter on CPU, markers, seeds, GPU name for pytest-benchmark."""
+"""Suite-wide set-up: compiled or interpreted Triton, markers, seeds, GPU name for
+pytest-benchmark."""
 
 from __future__ import annotations
 
@@ -9,7 +10,11 @@ import zlib
 import pytest
 import torch
 
-import kernels  # noqa: F401  (first: sets TRITON_INTERPRET=1 when there is no GPU)
+from kernels.runtime import select_backend
+
+# Before any test module imports triton: the interpreter on a machine without a GPU
+# (FUSIONGUARD_TRITON overrides).
+select_backend()
 
 HAS_GPU = torch.cuda.is_available()
 
@@ -39,7 +44,10 @@ def pytest_configure(config):
 
 
 def pytest_report_header(config):
-    mode = f"CUDA ({torch.cuda.get_device_name()})" if HAS_GPU else "CPU, Triton interpreter"
+    from kernels.runtime import backend
+
+    mode = f"CUDA ({torch.cuda.get_device_name()})" if HAS_GPU else "CPU"
+    mode += f", Triton {backend()}"
     return [
         f"fusionguard: base seed {config._fusionguard_seed} (replay with --seed); "
         f"kernels on {mode}",
@@ -47,15 +55,21 @@ def pytest_report_header(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    if HAS_GPU:
-        return
     skip_gpu = pytest.mark.skip(
         reason="needs a CUDA GPU (on CPU the suite runs Triton kernels through the interpreter; "
         "run this on a GPU runner: tox -e gpu)"
     )
+    # pytest-xdist workers share the GPU: a time measured there is not this code's time.
+    skip_timing = pytest.mark.skip(
+        reason="a timing test: skipped inside pytest-xdist workers, which share the GPU "
+        "(tox -e gpu runs the timing tests serially afterwards: pytest -m timing)"
+    )
+    in_worker = os.environ.get("PYTEST_XDIST_WORKER") is not None
     for item in items:
-        if "gpu" in item.keywords:
+        if not HAS_GPU and "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+        elif in_worker and ("timing" in item.keywords or "bench" in item.keywords):
+            item.add_marker(skip_timing)
 
 
 @pytest.fixture(autouse=True)

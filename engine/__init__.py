@@ -1,12 +1,13 @@
 """A small Qwen3 inference engine (nano-vllm style: pure torch + Triton, no flash-attn) that
-hosts the fused o_proj + residual kernel behind a flag.
+runs the registered fusions (engine/fusions.py) behind flags.
 
     import engine
     model = engine.build()                       # Qwen3-0.6B architecture, random weights
     model = engine.build(checkpoint="path/hf")   # a local HF Qwen3 checkpoint
     runner = engine.Runner(model, cuda_graph=True)
     tokens = runner.generate(prompt_ids, max_new_tokens=64)
-    model.flags.fuse_o_proj_residual = False     # the unfused path, same weights
+    model.flags.o_proj_residual = False          # that step unfused, same weights
+    model.flags = engine.FusionFlags.none()      # every step unfused
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from pathlib import Path
 
 import torch
 
-import kernels  # noqa: F401  (first: picks compiled or interpreted Triton)
 from engine.config import Qwen3Config, UnsupportedConfigError, default_config
 from engine.flags import FusionFlags
 from engine.loader import CheckpointError, load_checkpoint, load_config, random_init
@@ -54,14 +54,15 @@ def build(
     dtype: torch.dtype = torch.bfloat16,
     device: torch.device | str | None = None,
     seed: int = 0,
-    fuse_o_proj_residual: bool = True,
+    flags: FusionFlags | str | None = None,
 ) -> Qwen3ForCausalLM:
     """A ready Qwen3ForCausalLM in eval mode, without gradients.
 
     config: a Qwen3Config, a config.json path, or None (the checkpoint's config.json if a
     checkpoint is given, else the embedded Qwen3-0.6B default). checkpoint: a local HF folder
     with *.safetensors; without it the weights are random (seeded). device: None picks cuda
-    when available, else cpu.
+    when available, else cpu. flags: the fusions to run (a FusionFlags, or "default", "none",
+    "name,name"); None is the default set.
     """
     if checkpoint is not None:
         checkpoint_config = load_config(checkpoint)
@@ -76,7 +77,11 @@ def build(
     # Built on the meta device, then allocated once in the target dtype: no throwaway init
     # of 0.6B parameters on the CPU.
     with _default_dtype(dtype), torch.device("meta"):
-        model = Qwen3ForCausalLM(config, FusionFlags(fuse_o_proj_residual=fuse_o_proj_residual))
+        if flags is None:
+            flags = FusionFlags.default()
+        elif isinstance(flags, str):
+            flags = FusionFlags.parse(flags)
+        model = Qwen3ForCausalLM(config, flags)
     model.to_empty(device=device)
     model.tie_weights()
     model.reset_rope()

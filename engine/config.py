@@ -3,12 +3,18 @@
 Only what the engine implements is accepted: a config for another architecture, or a Qwen3
 feature this engine does not implement (attention bias, sliding window, RoPE scaling), gets
 an error that says which field, instead of a model that silently computes something else.
+
+Errors: UnsupportedConfigError (a ValueError) for what the engine does not implement, ValueError
+for a bad value, FileNotFoundError for a missing file; every message starts with the source
+(the file path, or "<dict>"). A field that is absent may take a default; a field that is present
+must be valid (a null, a 0 or a string "false" is an error, never a default).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +29,61 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 
 class UnsupportedConfigError(ValueError):
     """The config describes a model this engine does not implement."""
+
+
+_INT_FIELDS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "intermediate_size",
+    "vocab_size",
+    "max_position_embeddings",
+)
+_BOOL_FIELDS = ("tie_word_embeddings", "attention_bias", "use_sliding_window")
+
+
+def _json_type(value: Any) -> str:
+    """What kind of JSON value this is, for messages ("a list", "null")."""
+    if value is None:
+        return "null"
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
+    names.update({list: "a list", dict: "an object"})
+    return names.get(type(value), type(value).__name__)
+
+
+def _shown(value: Any) -> str:
+    """A value as JSON spells it: null, true, "false" (quoted, so a string is visible)."""
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):  # not JSON (a Qwen3Config built in Python)
+        return repr(value)
+
+
+def _check_positive_int(value: Any, name: str, source: str) -> None:
+    # bool is an int subclass: true must not read as 1.
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{source}: {name} must be a positive integer, got {_shown(value)}")
+
+
+def _check_positive_number(value: Any, name: str, source: str) -> None:
+    # 0 or inf would give NaN logits (RoPE frequencies, the norm's 1/sqrt(eps)) and no error.
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ValueError(f"{source}: {name} must be a finite number > 0, got {_shown(value)}")
+
+
+def _check_bool(value: Any, name: str, source: str) -> None:
+    # The string "false" is truthy: only JSON true/false are accepted.
+    if not isinstance(value, bool):
+        raise ValueError(
+            f"{source}: {name} must be a JSON boolean (true or false), got {_shown(value)}"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,19 +103,11 @@ class Qwen3Config:
     source: str = "<defaults>"  # where the config came from, for error messages
 
     def __post_init__(self):
-        for name in (
-            "hidden_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "num_key_value_heads",
-            "head_dim",
-            "intermediate_size",
-            "vocab_size",
-            "max_position_embeddings",
-        ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{self.source}: {name} must be a positive integer, got {value!r}")
+        for name in _INT_FIELDS:
+            _check_positive_int(getattr(self, name), name, self.source)
+        _check_bool(self.tie_word_embeddings, "tie_word_embeddings", self.source)
+        _check_positive_number(self.rope_theta, "rope_theta", self.source)
+        _check_positive_number(self.rms_norm_eps, "rms_norm_eps", self.source)
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"{self.source}: num_attention_heads ({self.num_attention_heads}) must be a "
@@ -91,18 +144,30 @@ class Qwen3Config:
             if path.is_dir():
                 path = path / "config.json"
             if not path.is_file():
-                raise FileNotFoundError(f"config file not found: {path}")
+                raise FileNotFoundError(f"{path}: config file not found")
             try:
                 raw = json.loads(path.read_text())
-            except json.JSONDecodeError as exc:
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 raise ValueError(f"{path}: not valid JSON ({exc})") from None
             source = str(path)
+        if not isinstance(raw, dict):
+            raise ValueError(
+                f"{source}: a config file must hold a JSON object ({{...}} with fields such as "
+                f'"hidden_size"), got {_json_type(raw)}'
+            )
         return cls._from_raw(raw, source)
 
     @classmethod
     def _from_raw(cls, raw: dict[str, Any], source: str) -> Qwen3Config:
         model_type = raw.get("model_type")
         architectures = raw.get("architectures") or []
+        # A bare string would pass the membership test below as a substring match.
+        if not isinstance(architectures, list) or not all(
+            isinstance(a, str) for a in architectures
+        ):
+            raise ValueError(
+                f"{source}: architectures must be a list of strings, got {_shown(architectures)}"
+            )
         if model_type != QWEN3_MODEL_TYPE or (
             architectures and QWEN3_ARCHITECTURE not in architectures
         ):
@@ -111,6 +176,9 @@ class Qwen3Config:
                 f"{model_type!r}) is not Qwen3; this engine runs only {QWEN3_ARCHITECTURE} "
                 f"(model_type {QWEN3_MODEL_TYPE!r})"
             )
+        for name in _BOOL_FIELDS:
+            if name in raw:
+                _check_bool(raw[name], name, source)
         if raw.get("attention_bias"):
             raise UnsupportedConfigError(f"{source}: attention_bias=true is not implemented")
         if raw.get("use_sliding_window"):
@@ -120,32 +188,48 @@ class Qwen3Config:
                 f"{source}: hidden_act {raw['hidden_act']!r} is not implemented (only 'silu')"
             )
         # transformers < 5 writes rope_theta/rope_scaling; transformers 5 writes rope_parameters.
-        rope = raw.get("rope_parameters") or {}
+        rope = raw.get("rope_parameters")
+        if rope is None:
+            rope = {}
+        elif not isinstance(rope, dict):
+            raise ValueError(
+                f"{source}: rope_parameters must be a JSON object, got {_json_type(rope)}"
+            )
         rope_type = rope.get("rope_type", "default")
         if raw.get("rope_scaling") or rope_type != "default":
             raise UnsupportedConfigError(
                 f"{source}: RoPE scaling ({raw.get('rope_scaling') or rope_type!r}) is not "
                 "implemented (only default RoPE)"
             )
-        rope_theta = rope.get("rope_theta", raw.get("rope_theta", 10000.0))
+        if "rope_theta" in rope:
+            rope_theta, theta_field = rope["rope_theta"], "rope_parameters.rope_theta"
+        else:
+            rope_theta, theta_field = raw.get("rope_theta", 10000.0), "rope_theta"
+        _check_positive_number(rope_theta, theta_field, source)
+        rms_norm_eps = raw.get("rms_norm_eps", 1e-6)
+        _check_positive_number(rms_norm_eps, "rms_norm_eps", source)
         required = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
         for name in (*required, "vocab_size"):
             if name not in raw:
                 raise ValueError(f"{source}: missing field {name!r}")
+        # Checked before the defaults below are derived from them; only an absent field takes
+        # a default (as in transformers), a null or 0 is an error.
+        for name in _INT_FIELDS:
+            if name in raw:
+                _check_positive_int(raw[name], name, source)
         hidden_size, num_heads = raw["hidden_size"], raw["num_attention_heads"]
-        head_dim = raw.get("head_dim") or hidden_size // num_heads
         dtype = raw.get("torch_dtype") or raw.get("dtype") or "bfloat16"
         return cls(
             hidden_size=hidden_size,
             num_hidden_layers=raw["num_hidden_layers"],
             num_attention_heads=num_heads,
-            num_key_value_heads=raw.get("num_key_value_heads") or num_heads,
-            head_dim=head_dim,
+            num_key_value_heads=raw.get("num_key_value_heads", num_heads),
+            head_dim=raw.get("head_dim", hidden_size // num_heads),
             intermediate_size=raw["intermediate_size"],
             vocab_size=raw["vocab_size"],
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            tie_word_embeddings=raw.get("tie_word_embeddings", False),
             rope_theta=float(rope_theta),
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            rms_norm_eps=float(rms_norm_eps),
             max_position_embeddings=raw.get("max_position_embeddings", 32768),
             torch_dtype=str(dtype).removeprefix("torch."),
             source=source,
@@ -175,6 +259,23 @@ class Qwen3Config:
     def replace(self, **changes: Any) -> Qwen3Config:
         """A copy with some fields changed (e.g. fewer layers or a smaller hidden size)."""
         return dataclasses.replace(self, **changes)
+
+
+# The dense Qwen3 sizes the suite benchmarks and tunes for (dimensions from their published
+# config.json files); the rest of each config is the 0.6B default's.
+QWEN3_SIZES = {
+    "0.6b": {"hidden_size": 1024, "intermediate_size": 3072, "num_attention_heads": 16},
+    "1.7b": {"hidden_size": 2048, "intermediate_size": 6144, "num_attention_heads": 16},
+    "4b": {"hidden_size": 2560, "intermediate_size": 9728, "num_attention_heads": 32},
+    "8b": {"hidden_size": 4096, "intermediate_size": 12288, "num_attention_heads": 32},
+}
+
+
+def qwen3_config(size: str) -> Qwen3Config:
+    """The architecture of a dense Qwen3 size ("0.6b", "1.7b", "4b", "8b")."""
+    if size not in QWEN3_SIZES:
+        raise ValueError(f"unknown Qwen3 size {size!r}; known: {', '.join(QWEN3_SIZES)}")
+    return default_config().replace(**QWEN3_SIZES[size], source=f"<Qwen3-{size}>")
 
 
 def default_config() -> Qwen3Config:

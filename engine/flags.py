@@ -1,17 +1,110 @@
-"""Which fusions the engine uses. One object per model, shared by all layers, read every step:
-changing a field at run time switches the path on the same loaded weights."""
+"""Which registered fusions the engine runs (engine/fusions.py holds the registry).
+
+One object per model, read at every step: changing it at run time switches paths on the same
+loaded weights (a CUDA graph is captured per batch size and flag setting). Each registered
+fusion is a boolean attribute of the same name::
+
+    model.flags.o_proj_residual = False      # that step runs its unfused ops
+    model.flags.set(down_proj_residual=False, add_rms_norm=True)   # several at once
+    FusionFlags.none(), FusionFlags.default(), FusionFlags.parse("o_proj_residual,add_rms_norm")
+
+Fusions that replace a common op are alternatives; turning one on while another is on is
+refused with an error naming both.
+"""
 
 from __future__ import annotations
 
-import dataclasses
+from collections.abc import Iterable
+
+from engine import fusions as registry
+from engine.program import Fusion
 
 
-@dataclasses.dataclass
 class FusionFlags:
-    # o_proj GEMM + attention residual add in one Triton launch (kernels/fused_attn_output.py)
-    # instead of F.linear then torch.add (two kernels).
-    fuse_o_proj_residual: bool = True
+    __slots__ = ("_enabled",)
 
-    def key(self) -> tuple:
-        """Hashable snapshot: CUDA graphs are captured per (batch size, flags)."""
-        return dataclasses.astuple(self)
+    def __init__(self, enabled: Iterable[str] = ()):
+        object.__setattr__(self, "_enabled", frozenset())
+        self.set(**dict.fromkeys(enabled, True))
+
+    # construction ---------------------------------------------------------------------------
+
+    @classmethod
+    def default(cls) -> FusionFlags:
+        """The engine's default: every fusion registered with ``default=True``."""
+        return cls(f.name for f in registry.all_fusions() if f.default)
+
+    @classmethod
+    def none(cls) -> FusionFlags:
+        """Every step unfused."""
+        return cls()
+
+    @classmethod
+    def parse(cls, spec: str) -> FusionFlags:
+        """ "default", "none", or comma-separated fusion names (e.g. from the command line)."""
+        spec = spec.strip()
+        if spec == "default":
+            return cls.default()
+        if spec in ("none", ""):
+            return cls.none()
+        return cls(name.strip() for name in spec.split(",") if name.strip())
+
+    def copy(self) -> FusionFlags:
+        return FusionFlags(self._enabled)
+
+    # access ---------------------------------------------------------------------------------
+
+    @property
+    def enabled(self) -> frozenset[str]:
+        return self._enabled
+
+    def fusions(self) -> list[Fusion]:
+        """The enabled fusions, in registry order."""
+        return [f for f in registry.all_fusions() if f.name in self._enabled]
+
+    def key(self) -> tuple[str, ...]:
+        """Hashable snapshot: CUDA graphs and programs are cached per flag setting."""
+        return tuple(sorted(self._enabled))
+
+    def __getattr__(self, name: str) -> bool:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        registry.get(name)  # unknown name: an error listing the registered ones
+        return name in self._enabled
+
+    def __setattr__(self, name: str, value: bool) -> None:
+        self.set(**{name: value})
+
+    def set(self, **changes: bool) -> FusionFlags:
+        """Apply several changes at once (so that one alternative can replace another)."""
+        enabled = set(self._enabled)
+        for name, value in changes.items():
+            registry.get(name)
+            if not isinstance(value, bool):
+                raise TypeError(f"flag {name} must be True or False, got {value!r}")
+            (enabled.add if value else enabled.discard)(name)
+        check_compatible(enabled)
+        object.__setattr__(self, "_enabled", frozenset(enabled))
+        return self
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, FusionFlags) and other._enabled == self._enabled
+
+    def __hash__(self) -> int:
+        return hash(self._enabled)
+
+    def __repr__(self) -> str:
+        return f"FusionFlags({', '.join(self.key()) or 'none'})"
+
+
+def check_compatible(names: Iterable[str]) -> None:
+    """Refuse a set of fusions that holds two alternatives (naming them and the shared op)."""
+    chosen = [registry.get(name) for name in sorted(names)]
+    for i, a in enumerate(chosen):
+        for b in chosen[i + 1 :]:
+            if a.conflicts_with(b):
+                shared = ", ".join(sorted(a.ops & b.ops))
+                raise ValueError(
+                    f"fusions {a.name} and {b.name} are alternatives (both replace {shared}): "
+                    f"switch one off to use the other"
+                )

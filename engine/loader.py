@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from engine.config import Qwen3Config
 
@@ -34,11 +34,7 @@ def checkpoint_files(directory: str | Path) -> list[Path]:
         raise FileNotFoundError(f"checkpoint directory not found: {directory}")
     index = directory / INDEX_FILE
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as exc:
-            raise CheckpointError(f"{index}: not a safetensors index ({exc!r})") from None
-        files = [directory / name for name in sorted(set(weight_map.values()))]
+        files = [directory / name for name in sorted(set(_read_weight_map(index).values()))]
         for f in files:
             if not f.is_file():
                 raise CheckpointError(
@@ -49,6 +45,49 @@ def checkpoint_files(directory: str | Path) -> list[Path]:
     if not files:
         raise CheckpointError(f"no *.safetensors files in {directory}")
     return files
+
+
+def _read_weight_map(index: Path) -> dict[str, str]:
+    """The index's ``weight_map`` (tensor name -> file name), checked."""
+    expected = 'must be a JSON object with a "weight_map" object mapping tensor names to file names'
+    try:
+        raw = json.loads(index.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{index}: not valid JSON ({exc}); an index {expected}") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("weight_map"), dict):
+        if not isinstance(raw, dict):
+            got = {list: "a JSON list", str: "a JSON string"}.get(type(raw), f"{raw!r}")
+        elif "weight_map" not in raw:
+            got = "no weight_map field"
+        else:
+            got = f"a weight_map of type {type(raw['weight_map']).__name__}"
+        raise CheckpointError(f"{index}: a safetensors index {expected}, got {got}")
+    weight_map = raw["weight_map"]
+    for name, file_name in weight_map.items():
+        if not isinstance(file_name, str):
+            raise CheckpointError(
+                f"{index}: weight_map[{name!r}] must be a file name (a string), got {file_name!r}"
+            )
+    if not weight_map:
+        raise CheckpointError(f"{index}: weight_map is empty; an index {expected}")
+    return weight_map
+
+
+def _open(path: Path):
+    # safetensors' own errors (a truncated file, a corrupt header) name no file.
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file (truncated or corrupt?): {exc}"
+        ) from exc
+
+
+def _get_tensor(f, name: str, path: Path) -> torch.Tensor:
+    try:
+        return f.get_tensor(name)
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path}: cannot read tensor {name!r} ({exc})") from exc
 
 
 def load_config(directory: str | Path) -> Qwen3Config:
@@ -72,7 +111,7 @@ def load_checkpoint(model: torch.nn.Module, directory: str | Path) -> torch.nn.M
     tied = model.config.tie_word_embeddings
     loaded: dict[str, Path] = {}
     for path in files:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
+        with _open(path) as f:
             for name in f.keys():  # noqa: SIM118  (safe_open is not a mapping)
                 if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
                     continue
@@ -85,7 +124,7 @@ def load_checkpoint(model: torch.nn.Module, directory: str | Path) -> torch.nn.M
                     raise CheckpointError(
                         f"tensor {name!r} appears in both {loaded[name]} and {path}"
                     )
-                tensor = f.get_tensor(name)
+                tensor = _get_tensor(f, name, path)
                 _copy_checked(targets[name], tensor, name, path)
                 loaded[name] = path
     missing = [name for name in targets if name not in loaded]

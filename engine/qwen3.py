@@ -1,20 +1,23 @@
-"""Qwen3 causal LM for inference: attention, decoder layer, model, LM head.
+"""Qwen3 causal LM for inference, written as a program of ops (engine/program.py).
 
-Each decoder layer at decode (batch of one new token per sequence) launches:
-  1 add_rms_norm     (the previous MLP's residual add + this input norm; layer 0: rms_norm)
-  2 qkv GEMM         (q, k, v projections merged into one weight)
-  3 qk_norm_rope     (q/k RMSNorm + RoPE + KV-cache write)
-  4 attention        (decode: Triton kernel over the live length; prefill: torch SDPA)
-  5 o_proj_residual  (THE STEP UNDER TEST: fused = 1 kernel, unfused = GEMM + add = 2)
-  6 rms_norm         (post-attention norm)
-  7 gate_up GEMM     (gate and up projections merged)
-  8 silu_mul
-  9 down GEMM
-i.e. 9 kernels per layer fused, 10 unfused. Fused and unfused share every line except the call
-inside ``o_proj_residual``.
+Unfused, each decoder layer at decode (one new token per sequence) runs these ops, one kernel
+each:
 
-The layer returns (mlp_out, residual) and the next layer adds them inside its input norm (as
-vLLM does); the attention residual add is never folded anywhere else: it is the measured step.
+    residual_add         residual += previous layer's MLP output (not in layer 0)
+    input_norm           RMSNorm
+    qkv_proj             q, k, v projections merged into one GEMM
+    qk_norm_rope         q/k RMSNorm + RoPE + KV-cache write
+    attention            decode: Triton kernel over the live length; prefill: torch SDPA
+    o_proj               GEMM
+    attn_residual_add    residual += attention output
+    post_attention_norm  RMSNorm
+    gate_up_proj         gate and up projections merged into one GEMM
+    silu_mul             SiLU(gate) * up
+    down_proj            GEMM -> the MLP output
+
+then ``residual_add``, ``final_norm`` and ``lm_head`` after the last layer. Registered fusions
+(engine/fusions.py) replace runs of these ops with one kernel each, as ``model.flags`` says;
+fused and unfused paths share the same weights and switch at run time.
 """
 
 from __future__ import annotations
@@ -27,29 +30,24 @@ from torch import nn
 
 from engine.config import Qwen3Config
 from engine.flags import FusionFlags
+from engine.program import ACT, CONST, CTX, PARAM, BoundOp, Op, Role, run_segments, segments
 from kernels.decode_attention import decode_attention
-from kernels.fused_attn_output import (
-    fused_attn_output_residual,
-    unfused_attn_output_residual,
-)
 from kernels.qk_norm_rope import qk_norm_rope_cache_write, rope_tables
-from kernels.rms_norm import add_rms_norm, rms_norm
+from kernels.rms_norm import rms_norm
 from kernels.silu_mul import silu_mul
-from profiling.markers import mark
 
-
-def o_proj_residual(
-    attn_output: torch.Tensor, residual: torch.Tensor, o_proj_weight: torch.Tensor, fused: bool
-) -> torch.Tensor:
-    """residual + attn_output @ o_proj_weight.T: the step the fusion replaces.
-
-    The decoder layer calls this through the module global, so a test can monkeypatch
-    ``engine.qwen3.o_proj_residual`` (e.g. to plant an extra launch).
-    """
-    if fused:
-        # In place: the residual stream is not read again, so no new tensor per layer.
-        return fused_attn_output_residual(attn_output, residual, o_proj_weight, out=residual)
-    return unfused_attn_output_residual(attn_output, residual, o_proj_weight)
+LAYER_OPS = (
+    "input_norm",
+    "qkv_proj",
+    "qk_norm_rope",
+    "attention",
+    "o_proj",
+    "attn_residual_add",
+    "post_attention_norm",
+    "gate_up_proj",
+    "silu_mul",
+    "down_proj",
+)
 
 
 @dataclasses.dataclass
@@ -59,12 +57,224 @@ class StepContext:
     positions: [B * tokens_per_seq] device int tensor, the position of every token; token t
     belongs to sequence t // tokens_per_seq. In decode (tokens_per_seq == 1) it is the
     runner's per-sequence position tensor, which a captured CUDA graph reads at replay.
+    cos, sin: the model's float32 RoPE tables (set by the model).
     """
 
     batch_size: int
     tokens_per_seq: int
     positions: torch.Tensor
     is_prefill: bool
+    cos: torch.Tensor | None = None
+    sin: torch.Tensor | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# The ops (their unfused implementation and float64 formula)
+# --------------------------------------------------------------------------------------------
+
+
+def _rms_norm64(residual, norm_weight, eps):
+    return norm_weight * residual * torch.rsqrt(residual.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def _silu_mul64(gate_up):
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def qwen3_ops(config: Qwen3Config) -> dict[str, Op]:
+    """The ops of a Qwen3 model with this config, by name."""
+    H, Hkv, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    eps = Role("eps", CONST, source="rms_norm_eps")
+    ctx = Role("ctx", CTX)
+
+    def act(name, *dims):
+        return Role(name, ACT, dims)
+
+    def param(name, source, *dims, init="weight"):
+        return Role(name, PARAM, dims, source, init)
+
+    def add_mlp_out(residual, mlp_out):
+        return residual + mlp_out
+
+    def add_o(residual, o):
+        return residual + o
+
+    def norm(name, source):
+        return Op(
+            name,
+            (act("residual", "hidden"), param("norm_weight", source, "hidden", init="norm"), eps),
+            "normed",
+            lambda residual, norm_weight, eps: rms_norm(residual, norm_weight, eps),
+            _rms_norm64,
+            group="norm",
+            out_dims=("hidden",),
+        )
+
+    def linear(name, x, weight, source, out, dims):
+        def fn(**kw):
+            return F.linear(kw[x], kw[weight])
+
+        def fn64(**kw):
+            return kw[x] @ kw[weight].T
+
+        return Op(
+            name,
+            (act(x, dims[1]), param(weight, source, *dims)),
+            out,
+            fn,
+            fn64,
+            group="gemm",
+            accumulates=(x, weight),
+            out_dims=(dims[0],),
+        )
+
+    def qk_norm_rope(qkv, q_norm_weight, k_norm_weight, k_cache, v_cache, ctx):
+        return qk_norm_rope_cache_write(
+            qkv,
+            q_norm_weight,
+            k_norm_weight,
+            ctx.cos,
+            ctx.sin,
+            ctx.positions,
+            k_cache,
+            v_cache,
+            num_heads=H,
+            num_kv_heads=Hkv,
+            head_dim=D,
+            tokens_per_seq=ctx.tokens_per_seq,
+            eps=config.rms_norm_eps,
+        )
+
+    def attention(qkv, k_cache, v_cache, ctx):
+        B, P = ctx.batch_size, ctx.tokens_per_seq
+        q = qkv[:, : H * D]
+        if not ctx.is_prefill:
+            return decode_attention(q.view(B, H, D), k_cache, v_cache, ctx.positions).view(B, H * D)
+        # Prefill starts each sequence afresh at position 0: attend causally over the prompt
+        # just written to the cache (already in [B, Hkv, P, D] layout).
+        q = q.view(B, P, H, D).transpose(1, 2)
+        k, v = k_cache[:B, :, :P], v_cache[:B, :, :P]
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return out.transpose(1, 2).reshape(B * P, H * D)
+
+    def lm_head(normed, lm_head_weight, ctx):
+        if ctx.tokens_per_seq > 1:  # prefill: the last token of each sequence
+            normed = normed.view(ctx.batch_size, ctx.tokens_per_seq, -1)[:, -1]
+        return F.linear(normed, lm_head_weight)
+
+    def kv_bytes(config, rows, context_len, itemsize):
+        # decode: each sequence's keys and values over its live length
+        return 2 * rows * Hkv * context_len * D * itemsize
+
+    caches = (param("k_cache", "self_attn.k_cache"), param("v_cache", "self_attn.v_cache"))
+    ops = [
+        Op(
+            "embed",
+            # Reads one embedding row per token, not the table: extra_bytes, no dims.
+            (Role("ids"), param("embed_weight", "model.embed_tokens.weight")),
+            "residual",
+            lambda ids, embed_weight: F.embedding(ids, embed_weight),
+            out_dims=("hidden",),
+            extra_bytes=lambda config, rows, context_len, itemsize: (
+                rows * config.hidden_size * itemsize
+            ),
+        ),
+        Op(
+            "residual_add",
+            (act("residual", "hidden"), act("mlp_out", "hidden")),
+            "residual",
+            add_mlp_out,
+            add_mlp_out,
+            out_dims=("hidden",),
+        ),
+        norm("input_norm", "input_layernorm.weight"),
+        linear(
+            "qkv_proj",
+            "normed",
+            "qkv_weight",
+            "self_attn.qkv_proj.weight",
+            "qkv",
+            ("qkv_size", "hidden"),
+        ),
+        Op(
+            "qk_norm_rope",
+            (
+                act("qkv", "qkv_size"),
+                param("q_norm_weight", "self_attn.q_norm.weight", "head_dim", init="norm"),
+                param("k_norm_weight", "self_attn.k_norm.weight", "head_dim", init="norm"),
+                *caches,
+                ctx,
+            ),
+            "qkv",
+            qk_norm_rope,
+            out_dims=("qkv_size",),
+        ),
+        Op(
+            "attention",
+            (act("qkv", "q_size"), *caches, ctx),
+            "attn",
+            attention,
+            group="attention",
+            out_dims=("q_size",),
+            extra_bytes=kv_bytes,
+        ),
+        linear(
+            "o_proj", "attn", "o_proj_weight", "self_attn.o_proj.weight", "o", ("hidden", "q_size")
+        ),
+        Op(
+            "attn_residual_add",
+            (act("residual", "hidden"), act("o", "hidden")),
+            "residual",
+            add_o,
+            add_o,
+            out_dims=("hidden",),
+        ),
+        norm("post_attention_norm", "post_attention_layernorm.weight"),
+        linear(
+            "gate_up_proj",
+            "normed",
+            "gate_up_weight",
+            "mlp.gate_up_proj.weight",
+            "gate_up",
+            ("gate_up", "hidden"),
+        ),
+        Op(
+            "silu_mul",
+            (act("gate_up", "gate_up"),),
+            "act",
+            silu_mul,
+            _silu_mul64,
+            out_dims=("intermediate",),
+        ),
+        linear(
+            "down_proj",
+            "act",
+            "down_proj_weight",
+            "mlp.down_proj.weight",
+            "mlp_out",
+            ("hidden", "intermediate"),
+        ),
+        norm("final_norm", "model.norm.weight"),
+        Op(
+            "lm_head",
+            (
+                act("normed", "hidden"),
+                param("lm_head_weight", "lm_head.weight", "vocab", "hidden"),
+                ctx,
+            ),
+            "logits",
+            lm_head,
+            group="gemm",
+            out_dims=("vocab",),
+        ),
+    ]
+    return {op.name: op for op in ops}
+
+
+# --------------------------------------------------------------------------------------------
+# Modules: where the weights live (and the names the loader maps checkpoints to)
+# --------------------------------------------------------------------------------------------
 
 
 class RMSNorm(nn.Module):
@@ -73,62 +283,18 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        """Without residual: the norm of x. With it: residual += x, returns (norm, residual)."""
-        if residual is None:
-            return rms_norm(x, self.weight, self.eps)
-        return add_rms_norm(x, residual, self.weight, self.eps)
-
 
 class Qwen3Attention(nn.Module):
-    """q/k/v projection, q/k norm + RoPE + cache write, attention. Returns the output BEFORE
-    o_proj: the decoder layer applies o_proj together with the residual add."""
-
     def __init__(self, config: Qwen3Config):
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = config.head_dim
-        self.eps = config.rms_norm_eps
         self.qkv_proj = nn.Linear(config.hidden_size, config.qkv_size, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
-        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        q_size = config.num_attention_heads * config.head_dim
+        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=False)
+        self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+        self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
         # Set by the runner: [max_batch, num_kv_heads, max_seq_len, head_dim] each.
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
-
-    def forward(self, x: torch.Tensor, ctx: StepContext, cos: torch.Tensor, sin: torch.Tensor):
-        if self.k_cache is None:
-            raise RuntimeError("no KV cache: run the model through engine.runner.Runner")
-        qkv = F.linear(x, self.qkv_proj.weight)  # [T, (H + 2 Hkv) D]
-        qk_norm_rope_cache_write(
-            qkv,
-            self.q_norm.weight,
-            self.k_norm.weight,
-            cos,
-            sin,
-            ctx.positions,
-            self.k_cache,
-            self.v_cache,
-            num_heads=self.num_heads,
-            num_kv_heads=self.num_kv_heads,
-            head_dim=self.head_dim,
-            tokens_per_seq=ctx.tokens_per_seq,
-            eps=self.eps,
-        )
-        B, P, H, D = ctx.batch_size, ctx.tokens_per_seq, self.num_heads, self.head_dim
-        q = qkv[:, : H * D]
-        if not ctx.is_prefill:
-            out = decode_attention(q.view(B, H, D), self.k_cache, self.v_cache, ctx.positions)
-            return out.view(B, H * D)
-        # Prefill starts each sequence afresh at position 0: attend causally over the prompt
-        # just written to the cache (already in [B, Hkv, P, D] layout).
-        q = q.view(B, P, H, D).transpose(1, 2)
-        k = self.k_cache[:B, :, :P]
-        v = self.v_cache[:B, :, :P]
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        return out.transpose(1, 2).reshape(B * P, H * D)
 
 
 class Qwen3MLP(nn.Module):
@@ -137,76 +303,63 @@ class Qwen3MLP(nn.Module):
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(silu_mul(F.linear(x, self.gate_up_proj.weight)), self.down_proj.weight)
-
 
 class Qwen3DecoderLayer(nn.Module):
-    def __init__(self, config: Qwen3Config, flags: FusionFlags):
+    def __init__(self, config: Qwen3Config):
         super().__init__()
-        self.flags = flags
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Qwen3Attention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = Qwen3MLP(config)
 
-    def forward(
-        self,
-        hidden: torch.Tensor,
-        residual: torch.Tensor | None,
-        ctx: StepContext,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(previous MLP output, previous residual) -> (this MLP output, this residual).
-        Layer 0 gets (embeddings, None)."""
-        if residual is None:
-            residual = hidden
-            normed = self.input_layernorm(hidden)
-        else:
-            normed, residual = self.input_layernorm(hidden, residual)
-        attn_out = self.self_attn(normed, ctx, cos, sin)
-        with mark("o_proj_residual"):
-            hidden = o_proj_residual(
-                attn_out, residual, self.self_attn.o_proj.weight, self.flags.fuse_o_proj_residual
-            )
-        residual = hidden
-        return self.mlp(self.post_attention_layernorm(hidden)), residual
-
 
 class Qwen3Model(nn.Module):
-    def __init__(self, config: Qwen3Config, flags: FusionFlags):
+    def __init__(self, config: Qwen3Config):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            Qwen3DecoderLayer(config, flags) for _ in range(config.num_hidden_layers)
+            Qwen3DecoderLayer(config) for _ in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-    def forward(self, input_ids, ctx, cos, sin) -> torch.Tensor:
-        hidden = F.embedding(input_ids, self.embed_tokens.weight)
-        residual = None
-        for i, layer in enumerate(self.layers):
-            with mark(f"layer.{i}"):
-                hidden, residual = layer(hidden, residual, ctx, cos, sin)
-        return self.norm(hidden, residual)[0]
 
 
 class Qwen3ForCausalLM(nn.Module):
     """Weights in the engine's layout (merged qkv and gate_up); ``hf_weight_map`` names them
-    in the Hugging Face checkpoint layout for the loader."""
+    in the Hugging Face checkpoint layout for the loader. ``flags`` chooses the fusions."""
 
     def __init__(self, config: Qwen3Config, flags: FusionFlags | None = None):
         super().__init__()
         self.config = config
-        self.flags = flags if flags is not None else FusionFlags()
-        self.model = Qwen3Model(config, self.flags)
+        self.flags = flags if flags is not None else FusionFlags.default()
+        self.model = Qwen3Model(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
         # float32 RoPE tables [max_positions, head_dim / 2], whatever the model dtype.
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
         self.reset_rope()
+        self.ops = qwen3_ops(config)
+        self._segments: dict[tuple, list] = {}
+
+    def program(self) -> list[BoundOp]:
+        """The unfused model as bound ops, in execution order."""
+        ops, out = self.ops, [BoundOp(self.ops["embed"], self, None)]
+        for i, layer in enumerate(self.model.layers):
+            if i > 0:
+                out.append(BoundOp(ops["residual_add"], layer, i))
+            out += [BoundOp(ops[name], layer, i) for name in LAYER_OPS]
+        for name in ("residual_add", "final_norm", "lm_head"):
+            out.append(BoundOp(ops[name], self, None))
+        return out
+
+    def segments(self) -> list:
+        """The program cut by the enabled fusions (cached per flag setting)."""
+        key = self.flags.key()
+        if key not in self._segments:
+            self._segments[key] = segments(
+                self.program(), self.flags.fusions(), self.config, returns=("logits",)
+            )
+        return self._segments[key]
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
@@ -239,10 +392,11 @@ class Qwen3ForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """Flat token ids [T] -> logits of the last token of each sequence [B, V]."""
-        hidden = self.model(input_ids, ctx, self.rope_cos, self.rope_sin)
-        if ctx.tokens_per_seq > 1:
-            hidden = hidden.view(ctx.batch_size, ctx.tokens_per_seq, -1)[:, -1]
-        return F.linear(hidden, self.lm_head.weight)
+        if self.model.layers[0].self_attn.k_cache is None:
+            raise RuntimeError("no KV cache: run the model through engine.runner.Runner")
+        ctx.cos, ctx.sin = self.rope_cos, self.rope_sin
+        state = run_segments(self.segments(), {"ids": input_ids, "ctx": ctx})
+        return state["logits"]
 
     def hf_weight_map(self) -> dict[str, torch.Tensor]:
         """HF tensor name -> where it goes: one of our parameters, or a row slice of one.

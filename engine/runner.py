@@ -18,7 +18,7 @@ import torch
 
 from engine.qwen3 import Qwen3ForCausalLM, StepContext
 from engine.sampler import sample
-from profiling.markers import mark
+from kernels.markers import mark
 
 
 class _DecodeGraph:

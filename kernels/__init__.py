@@ -1,5 +1,11 @@
-"""Triton kernels. Importing this package first picks compiled or interpreted execution."""
+"""Triton kernels and the bottom layer every other package builds on.
 
-from kernels.runtime import INTERPRETING, gpu_name, gpu_slug
+Each kernel file holds its ``@triton.jit`` kernel(s), a launcher that checks its inputs, and
+the plain torch references. ``kernels.runtime`` decides compiled vs interpreted execution
+(``FUSIONGUARD_TRITON``) and names the GPU; ``kernels.markers`` holds the NVTX /
+torch.profiler markers; ``kernels.tuning`` reads the tuned launch tables.
+"""
 
-__all__ = ["INTERPRETING", "gpu_name", "gpu_slug"]
+from kernels.runtime import INTERPRETING, backend, gpu_name, gpu_slug
+
+__all__ = ["INTERPRETING", "backend", "gpu_name", "gpu_slug"]

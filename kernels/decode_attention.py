@@ -5,7 +5,7 @@
 
 The lengths are read from a device tensor, so a captured CUDA graph attends to the live
 length of each sequence at replay, and the work is what the live length costs, not the cache
-capacity (SDPA over the padded cache would read all of it every step: DESIGN.md D7).
+capacity (SDPA over the padded cache would read all of it every step).
 
 Flash-decoding style, one program per (sequence, KV head): the G = H / Hkv query heads that
 share a KV head are processed together (rows of one tile, padded to 16 for tl.dot), so each
@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from kernels.launch_checks import check_runnable_device, check_same_dtype, check_tensor
-from kernels.runtime import INTERPRETING, launch, pdl_supported
+from kernels.runtime import INTERPRETING, pdl_options, pdl_supported
 
 LOG2E = 1.4426950408889634
 
@@ -51,13 +51,14 @@ def _decode_attention_kernel(
     BLOCK_N: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     IEEE_FP32: tl.constexpr,
-    PDL_TRIGGER: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
-    if PDL_TRIGGER:
-        # Let a kernel launched after this one with programmatic dependent launch (the fused
-        # o_proj + residual) start now: it streams its weights while attention runs and
-        # waits for this kernel to finish before reading the attention output.
+    if USE_PDL:
+        # Programmatic dependent launch (Hopper): let the next kernel (the o_proj step)
+        # launch now, so that it streams its weights while attention runs; q and the cache
+        # were written by the kernel before this one: wait for it.
         tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     length = tl.load(positions_ptr + b).to(tl.int32) + 1
@@ -162,9 +163,8 @@ def decode_attention(
     scale = D**-0.5 if scale is None else scale
     # The interpreter pays per loop iteration: cover the cache in one or two blocks.
     block_n = min(1024, triton.next_power_of_2(k_cache.shape[2])) if INTERPRETING else 64
-    launch(
-        _decode_attention_kernel,
-        (B, Hkv),
+    use_pdl = pdl_supported(q.device)
+    _decode_attention_kernel[(B, Hkv)](
         q,
         k_cache,
         v_cache,
@@ -184,9 +184,10 @@ def decode_attention(
         BLOCK_N=block_n,
         UPCAST_DOT=INTERPRETING and q.dtype != torch.float32,
         IEEE_FP32=q.dtype == torch.float32,
-        PDL_TRIGGER=pdl_supported(q.device),
+        USE_PDL=use_pdl,
         num_warps=4,
         num_stages=2,
+        **pdl_options(use_pdl),
     )
     return out
 

@@ -27,7 +27,7 @@ from kernels.launch_checks import (
     check_same_dtype,
     check_tensor,
 )
-from kernels.runtime import launch
+from kernels.runtime import pdl_options, pdl_supported
 
 # --------------------------------------------------------------------------------------------
 # Triton kernel
@@ -67,12 +67,23 @@ def _qk_norm_rope_kernel(
     HALF: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_KV: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    # Programmatic dependent launch (Hopper): the next kernel may launch now; the norm
+    # weights are read before waiting for the previous kernel (which wrote qkv).
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+    d = tl.arange(0, HALF)
+    qw1 = tl.load(q_norm_w_ptr + d).to(tl.float32)
+    qw2 = tl.load(q_norm_w_ptr + HALF + d).to(tl.float32)
+    kw1 = tl.load(k_norm_w_ptr + d).to(tl.float32)
+    kw2 = tl.load(k_norm_w_ptr + HALF + d).to(tl.float32)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
     t = tl.program_id(0)
     b = t // tokens_per_seq
     pos = tl.load(positions_ptr + t).to(tl.int64)
     dtype = qkv_ptr.dtype.element_ty
-    d = tl.arange(0, HALF)
     cos = tl.load(cos_ptr + pos * stride_table + d)
     sin = tl.load(sin_ptr + pos * stride_table + d)
     row = qkv_ptr + t.to(tl.int64) * stride_qkv_t
@@ -83,9 +94,7 @@ def _qk_norm_rope_kernel(
     q_ptrs = row + heads[:, None] * (2 * HALF) + d[None, :]
     q1 = tl.load(q_ptrs, mask=q_mask, other=0.0).to(tl.float32)
     q2 = tl.load(q_ptrs + HALF, mask=q_mask, other=0.0).to(tl.float32)
-    w1 = tl.load(q_norm_w_ptr + d).to(tl.float32)
-    w2 = tl.load(q_norm_w_ptr + HALF + d).to(tl.float32)
-    q1, q2 = _norm_rope(q1, q2, w1, w2, cos, sin, eps, HALF, dtype)
+    q1, q2 = _norm_rope(q1, q2, qw1, qw2, cos, sin, eps, HALF, dtype)
     tl.store(q_ptrs, q1.to(dtype), mask=q_mask)
     tl.store(q_ptrs + HALF, q2.to(dtype), mask=q_mask)
 
@@ -95,9 +104,7 @@ def _qk_norm_rope_kernel(
     k_ptrs = row + (NUM_HEADS + kv_heads[:, None]) * (2 * HALF) + d[None, :]
     k1 = tl.load(k_ptrs, mask=kv_mask, other=0.0).to(tl.float32)
     k2 = tl.load(k_ptrs + HALF, mask=kv_mask, other=0.0).to(tl.float32)
-    w1 = tl.load(k_norm_w_ptr + d).to(tl.float32)
-    w2 = tl.load(k_norm_w_ptr + HALF + d).to(tl.float32)
-    k1, k2 = _norm_rope(k1, k2, w1, w2, cos, sin, eps, HALF, dtype)
+    k1, k2 = _norm_rope(k1, k2, kw1, kw2, cos, sin, eps, HALF, dtype)
     cache_offs = (
         b.to(tl.int64) * stride_cache_b
         + kv_heads[:, None] * stride_cache_h
@@ -200,9 +207,8 @@ def qk_norm_rope_cache_write(
             f"{T} tokens at tokens_per_seq={tokens_per_seq} need more sequences than the "
             f"cache's {k_cache.shape[0]}"
         )
-    launch(
-        _qk_norm_rope_kernel,
-        (T,),
+    use_pdl = pdl_supported(qkv.device)
+    _qk_norm_rope_kernel[(T,)](
         qkv,
         q_norm_weight,
         k_norm_weight,
@@ -223,7 +229,9 @@ def qk_norm_rope_cache_write(
         HALF=head_dim // 2,
         BLOCK_H=triton.next_power_of_2(num_heads),
         BLOCK_KV=triton.next_power_of_2(num_kv_heads),
+        USE_PDL=use_pdl,
         num_warps=4,
+        **pdl_options(use_pdl),
     )
     return qkv
 

@@ -24,7 +24,7 @@ from kernels.launch_checks import (
     check_tensor,
     rows_view,
 )
-from kernels.runtime import INTERPRETING, launch
+from kernels.runtime import INTERPRETING, pdl_options, pdl_supported
 
 # --------------------------------------------------------------------------------------------
 # Triton kernel
@@ -46,10 +46,18 @@ def _rms_norm_kernel(
     HAS_RESIDUAL: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    # Programmatic dependent launch (Hopper): the next kernel may launch now; this one reads
+    # its weight before waiting for the previous kernel, whose output x is.
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     mask = (rows < M)[:, None] & (cols < N)[None, :]
+    w = tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
     x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
     x = x.to(tl.float32)
     if HAS_RESIDUAL:
@@ -61,7 +69,6 @@ def _rms_norm_kernel(
         x = summed.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / N + eps)
     normed = (x * rstd[:, None]).to(out_ptr.dtype.element_ty).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
     tl.store(
         out_ptr + rows[:, None] * stride_om + cols[None, :],
         (normed * w[None, :]).to(out_ptr.dtype.element_ty),
@@ -112,9 +119,8 @@ def _launch(x, residual, weight, eps, out):
     M = x2.shape[0]
     block_n = triton.next_power_of_2(N)
     block_m = _block_m(M, block_n)
-    launch(
-        _rms_norm_kernel,
-        (triton.cdiv(M, block_m),),
+    use_pdl = pdl_supported(x.device)
+    _rms_norm_kernel[(triton.cdiv(M, block_m),)](
         x2,
         r2,
         weight,
@@ -128,7 +134,9 @@ def _launch(x, residual, weight, eps, out):
         HAS_RESIDUAL=residual is not None,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
+        USE_PDL=use_pdl,
         num_warps=4 if block_n <= 2048 else 8,
+        **pdl_options(use_pdl),
     )
     return out
 

@@ -18,7 +18,7 @@ from kernels.launch_checks import (
     check_tensor,
     rows_view,
 )
-from kernels.runtime import INTERPRETING, launch
+from kernels.runtime import INTERPRETING, pdl_options, pdl_supported
 
 # --------------------------------------------------------------------------------------------
 # Triton kernel
@@ -35,7 +35,11 @@ def _silu_mul_kernel(
     stride_om,
     BLOCK_M: tl.constexpr,
     BLOCK_I: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:  # the next kernel may launch now; gate_up is the previous kernel's output
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
     mask = (rows < M)[:, None] & (cols < I)[None, :]
@@ -84,9 +88,8 @@ def silu_mul(gate_up: torch.Tensor, *, out: torch.Tensor | None = None) -> torch
     else:
         block_i, block_m = min(1024, triton.next_power_of_2(I)), 1
     grid = (triton.cdiv(M, block_m), triton.cdiv(I, block_i))
-    launch(
-        _silu_mul_kernel,
-        grid,
+    use_pdl = pdl_supported(gate_up.device)
+    _silu_mul_kernel[grid](
         g2,
         o2,
         M,
@@ -95,7 +98,9 @@ def silu_mul(gate_up: torch.Tensor, *, out: torch.Tensor | None = None) -> torch
         o2.stride(0),
         BLOCK_M=block_m,
         BLOCK_I=block_i,
+        USE_PDL=use_pdl,
         num_warps=4,
+        **pdl_options(use_pdl),
     )
     return out
 

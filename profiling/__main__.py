@@ -1,22 +1,28 @@
-"""The main job: fused vs unfused o_proj+residual on the embedded default (Qwen3-0.6B).
+"""``python -m profiling``: the report, the gate, baselines and kernel benchmarks.
 
-    python -m profiling [--out report]     report: table vs this GPU's baseline, JSON, trace, PNG
-    python -m profiling record             write perf_baselines/<gpu-slug>/ from real runs
-                                           (throughput.json + pytest-benchmark kernel run)
-    python -m profiling gate [--kernels]   launches, tok/s, speed-up, numerics vs the baseline
-    python -m profiling bench              pytest-benchmark benchmarks; kernel medians gated by
-                                           --benchmark-compare-fail against the baseline
-    python -m profiling bench -k o_proj    other arguments go to pytest
+    python -m profiling [report] [--out report]   every stage, against this GPU's baseline:
+                                                  text, report.json, report.png, a trace
+    python -m profiling gate                      the regression gate (what tox -e gpu runs)
+    python -m profiling record [--force]          write perf_baselines/<gpu-slug>/baseline.json
+    python -m profiling bench [--save] [-k ...]   pytest-benchmark kernel benchmarks vs the
+                                                  saved run (other arguments go to pytest)
 
-Exit codes: 0 ok, 1 gate/benchmark failure, 2 usage or environment error, 3 no usable baseline
-(a missing baseline is never a pass). On a machine without a GPU the report runs a 2-layer
-model through the Triton interpreter, eager only: it shows that everything runs, and its
-timings mean nothing.
+Exit codes, every command: 0 pass (report: written, and its comparison passed or there is
+nothing to compare on a CPU), 1 fail (the gate, the report's comparison, a benchmark
+regression), 2 usage or environment error (bad arguments; gate, record and bench on a machine
+without a CUDA GPU), 3 no usable baseline (missing, malformed, another GPU model, another
+model, plan or set of fusions). A baseline is validated before anything is measured; a missing
+baseline is never a pass (the report is still written, then exit 3).
+
+Without a GPU the report runs a 2-layer, hidden-64 model through the Triton interpreter:
+numerics, eager decode and a host-time breakdown (their timings mean nothing); launch counts,
+kernel timing and CUDA-graph decode need a GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import subprocess
 import sys
 import time
@@ -24,18 +30,16 @@ from pathlib import Path
 
 import torch
 
-import kernels  # noqa: F401  (first: picks compiled or interpreted Triton)
-from profiling import baselines, report
+from profiling import baselines, breakdown, measure, report
 from profiling.baselines import BaselineError
-from profiling.launches import TraceError, record_decode_trace
-from profiling.throughput import Mode, Settings, default_modes, measure_all, report_json
+from profiling.launches import TraceError
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_NO_BASELINE = 0, 1, 2, 3
 HAS_GPU = torch.cuda.is_available()
 CPU_NOTE = (
-    "No CUDA GPU: a 2-layer, hidden-64 model through the Triton interpreter, eager only. "
-    "Its timings mean nothing (the interpreter runs kernels in numpy) and launch counts need "
-    "a GPU; run on a GPU for real numbers."
+    "No CUDA GPU: a 2-layer, hidden-64 model through the Triton interpreter. Its timings mean "
+    "nothing (the interpreter runs kernels in numpy); launch counts, kernel timing and "
+    "CUDA-graph decode need a GPU."
 )
 
 
@@ -55,45 +59,99 @@ def small_config():
 
 
 def build_model(args):
+    from engine.config import default_config
     from profiling.gate import default_model
 
-    config = small_config() if (args.small or not HAS_GPU) else None
-    if args.layers is not None:
-        from engine.config import default_config
-
-        config = (config or default_config()).replace(num_hidden_layers=args.layers)
+    config = small_config() if (args.small or not HAS_GPU) else default_config()
+    if getattr(args, "layers", None) is not None:
+        config = config.replace(num_hidden_layers=args.layers)
     return default_model(config)
 
 
-def settings_from(args, *, repeats_default: int) -> Settings:
-    if HAS_GPU and not args.small:
-        defaults = Settings()
-    else:
-        defaults = Settings(prompt_len=4, new_tokens=6, warmup=1, launch_steps=2)
-    return Settings(
-        prompt_len=args.prompt_len or defaults.prompt_len,
-        new_tokens=args.new_tokens or defaults.new_tokens,
-        repeats=args.repeats or repeats_default,
-        warmup=defaults.warmup,
-        launch_steps=defaults.launch_steps,
-    )
+def plan_from(args) -> measure.Plan:
+    base = measure.Plan() if HAS_GPU and not args.small else measure.CPU_PLAN
+    changes = {
+        k: v
+        for k, v in {
+            "prompt_len": args.prompt_len,
+            "new_tokens": args.new_tokens,
+            "rounds": args.rounds,
+            "batches": tuple(args.batches) if args.batches else None,
+        }.items()
+        if v is not None
+    }
+    return measure.Plan(**{**base.to_json(), **changes})
 
 
-def _progress(total: int, desc: str):
-    from tqdm.auto import tqdm
+def _seed(args) -> int:
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
+    print(f"numerics inputs: seed {seed} (replay with --seed {seed})")
+    return seed
 
-    return tqdm(total=total, desc=desc, unit="step", file=sys.stderr)
 
-
-def _load_baseline_or_reason(root) -> tuple[dict | None, str | None]:
+def _load_baseline(root) -> tuple[dict | None, BaselineError | None]:
     try:
         return baselines.load_baseline(root=root), None
     except BaselineError as exc:
-        return None, str(exc)
+        return None, exc
+
+
+def _breakdown(model, current: dict, plan: measure.Plan) -> dict:
+    """From the eager launch counts on a GPU; from host ranges of an eager trace on CPU."""
+    order = [b.op.name for b in model.program()]
+    groups = {name: op.group for name, op in model.ops.items()}
+    from engine import fusions as registry
+
+    for f in registry.all_fusions():
+        groups[f.name] = "fusion"
+        order.insert(min(order.index(op) for op in f.spans[0]), f.name)
+    bandwidth = None
+    if HAS_GPU:
+        from profiling.kernel_timing import copy_bandwidth_tb_s
+
+        bandwidth = copy_bandwidth_tb_s()
+        current["copy_bandwidth_tb_s"] = bandwidth
+        times = {}
+        for variant in ("default", "none"):
+            e = current["launches"][f"{variant}/eager-b1"]
+            times[variant] = {
+                "source": "gpu kernels",
+                "steps": plan.launch_steps,
+                "total_us_per_step": e["kernel_us_per_step"],
+                "segments": {
+                    n: {"us_per_step": s["us_per_step"], "instances_per_step": s["instances"]}
+                    for n, s in e["segments"].items()
+                },
+            }
+    else:
+        times = {v: _host_times(model, v, plan) for v in ("default", "none")}
+    context = plan.prompt_len + plan.launch_steps
+    floors = measure.segment_floors(model, 1, context, bandwidth)
+    return breakdown.build(times, floors, groups, order)
+
+
+def _host_times(model, variant: str, plan: measure.Plan) -> dict:
+    import tempfile
+
+    from engine.flags import FusionFlags
+    from engine.runner import Runner
+    from profiling.launches import record_decode_trace
+
+    saved = model.flags
+    model.flags = FusionFlags.default() if variant == "default" else FusionFlags.none()
+    try:
+        runner = Runner(model, max_seq_len=plan.prompt_len + plan.launch_steps + 4)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = record_decode_trace(
+                runner, plan.launch_steps, Path(tmp) / "t.json", prompt_len=plan.prompt_len
+            )
+            return breakdown.segment_times(path, measure.segment_names(model))
+    finally:
+        model.flags = saved
 
 
 # --------------------------------------------------------------------------------------------
-# Subcommands
+# Commands
 # --------------------------------------------------------------------------------------------
 
 
@@ -101,75 +159,125 @@ def cmd_report(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    baseline, problem = _load_baseline(args.root) if HAS_GPU else (None, None)
+    if problem is not None and not isinstance(problem, baselines.BaselineMissing):
+        print(f"REPORT NOT RUN: {problem}", file=sys.stderr)
+        return EXIT_NO_BASELINE
     if not HAS_GPU:
         print(CPU_NOTE)
     model = build_model(args)
-    settings = settings_from(args, repeats_default=5)
-    modes = default_modes(model, args.batches)
-    with _progress(len(modes) + 1, "report") as bar:
-        results = measure_all(model, modes, settings, progress=bar)
-        bar.set_postfix_str("decode trace")
-        trace = _write_trace(model, settings, out / "decode_trace.json.gz")
-        bar.update(1)
-    current = report_json(results, model, settings)
-    baseline, reason = _load_baseline_or_reason(args.root)
-    current["baseline"] = {"status": "none", "reason": reason}
-    gate = None
+    plan = plan_from(args)
+    seed = _seed(args)
+    current = measure.report_header(model, plan)
+    current["numerics"] = [r.to_json() for r in measure.measure_numerics(model, plan, seed)]
+    if HAS_GPU:
+        current["launches"] = measure.measure_launches(model, plan)
+        current["kernel_ratios"] = measure.measure_kernel_ratios(model, plan)
+        current["e2e"] = measure.measure_e2e(model, plan)
+    else:
+        current["launches_note"] = "not counted: the profiler sees no kernels without a GPU"
+    current["eager"] = measure.measure_eager(model, plan)
+    current["breakdown"] = _breakdown(model, current, plan)
+    status, verdict = EXIT_OK, None
     if baseline is not None:
         try:
-            gate = baselines.compare(current, baseline)
-            current["baseline"] = {
-                "status": "pass" if gate.ok else "fail",
-                "commit": baseline.get("commit"),
-                "date": baseline.get("date"),
-                "failures": [c.message for c in gate.failures],
-            }
+            verdict = baselines.compare(current, baseline)
+            current["gate"] = verdict.to_json()
+            status = EXIT_OK if verdict.ok else EXIT_FAIL
         except BaselineError as exc:
-            baseline, reason = None, str(exc)
-            current["baseline"] = {"status": "not comparable", "reason": reason}
-    current["trace"] = trace.name
+            problem, baseline = exc, None
+    elif HAS_GPU:
+        status = EXIT_NO_BASELINE
     report.write_json(current, out / "report.json")
     report.plot(current, baseline, out / "report.png")
     print()
+    c = current["model"]["config"]
     print(
-        f"{current['gpu']} | {current['config'].get('num_hidden_layers')} layers | "
-        f"{current['dtype']} | prompt {settings.prompt_len}, {settings.new_tokens} new tokens, "
-        f"median of {settings.repeats}"
+        f"{current['gpu']} | {c['num_hidden_layers']} layers | {current['model']['dtype']} | "
+        f"default fusions: {', '.join(current['model']['default_fusions'])} | commit "
+        f"{current['commit']}"
     )
-    print(report.table(current, baseline))
-    if baseline is None:
-        print(f"\n{report.NO_BASELINE}\n  ({reason})")
-    else:
-        print(f"\nin parentheses: baseline {baseline.get('commit')} of {baseline.get('date')}")
-        print(gate.summary())
-    if not HAS_GPU:
-        print(f"\n{CPU_NOTE}")
-    print(
-        f"\nwrote {out / 'report.json'}, {out / 'report.png'}, {trace} "
-        f"({time.perf_counter() - started:.0f} s)"
-    )
-    return EXIT_OK
-
-
-def _write_trace(model, settings: Settings, path: Path) -> Path:
-    """One fused eager decode trace (a few steps), for chrome://tracing or Perfetto."""
-    from profiling.throughput import fusion, make_runner
-
-    mode = Mode(fused=True, cuda_graph=False)
-    with fusion(model, True):
-        return record_decode_trace(
-            make_runner(model, mode, settings),
-            settings.launch_steps,
-            path,
-            prompt_len=settings.prompt_len,
+    print(report.text(current, baseline))
+    if verdict is not None:
+        print(
+            f"\nagainst baseline {baseline.get('commit')} of {baseline.get('date')} "
+            f"(in parentheses; the gate re-measures failing timing, the report does not):"
         )
+        print(verdict.summary())
+    elif HAS_GPU:
+        print(f"\n{report.NO_BASELINE}\n  ({problem})")
+    else:
+        print(f"\n{CPU_NOTE}")
+    took = time.perf_counter() - started
+    print(f"\nwrote {out / 'report.json'}, {out / 'report.png'} ({took:.0f} s)")
+    return status
 
 
 def _need_gpu(what: str) -> bool:
     if HAS_GPU:
         return True
-    print(f"{what} needs a CUDA GPU: CPU/interpreter timings mean nothing", file=sys.stderr)
+    print(f"{what} needs a CUDA GPU (CPU/interpreter timings mean nothing)", file=sys.stderr)
     return False
+
+
+def cmd_gate(args) -> int:
+    from profiling.gate import default_model, run_gate
+
+    if not _need_gpu("the gate"):
+        return EXIT_USAGE
+    started = time.perf_counter()
+    baseline, problem = _load_baseline(args.root)
+    if problem is not None:
+        print(f"GATE NOT RUN: {problem}", file=sys.stderr)
+        return EXIT_NO_BASELINE
+    from engine.config import Qwen3Config, default_config
+
+    config = default_config()
+    stored = baseline["model"]["config"]
+    if any(getattr(config, k) != v for k, v in stored.items()):
+        config = Qwen3Config(**{**config.__dict__, **stored, "source": "<baseline>"})
+    model = default_model(config)
+    try:
+        result, current = run_gate(model, baseline, seed=_seed(args))
+    except BaselineError as exc:
+        print(f"GATE NOT RUN: {exc}", file=sys.stderr)
+        return EXIT_NO_BASELINE
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        current["gate"] = result.to_json()
+        report.write_json(current, Path(args.out) / "gate.json")
+    print(result.summary())
+    print(f"gate time: {time.perf_counter() - started:.0f} s")
+    return EXIT_OK if result.ok else EXIT_FAIL
+
+
+def cmd_record(args) -> int:
+    from profiling.gate import measure_gate_stages
+
+    if not _need_gpu("record"):
+        return EXIT_USAGE
+    model = build_model(args)
+    plan = plan_from(args)
+    current = measure_gate_stages(model, plan, seed=_seed(args))
+    bad = [r for r in current["numerics"] if not r["ok"]]
+    if bad:
+        print(f"numerics fail ({len(bad)} checks): nothing recorded", file=sys.stderr)
+        for r in bad:
+            print(
+                f"  {r['name']}/{r['dtype']}/m{r['rows']}: {'; '.join(r['failures'])}",
+                file=sys.stderr,
+            )
+        return EXIT_FAIL
+    try:
+        path, replaced = baselines.write_baseline(current, root=args.root, force=args.force)
+    except BaselineError as exc:
+        print(f"NOT RECORDED: {exc}", file=sys.stderr)
+        return EXIT_NO_BASELINE
+    print(report.text(current, None))
+    if replaced:
+        print(f"\nreplaced the baseline of {replaced}")
+    print(f"wrote {path}: commit it (git add {path})")
+    return EXIT_OK
 
 
 def _pytest(extra: list[str]) -> int:
@@ -178,61 +286,12 @@ def _pytest(extra: list[str]) -> int:
     return subprocess.run(cmd).returncode
 
 
-def cmd_record(args) -> int:
-    if not _need_gpu("record"):
-        return EXIT_USAGE
-    root = Path(args.root)
-    compare_fail = None
-    if not args.skip_kernels:
-        rc = _pytest([*baselines.pytest_benchmark_save_args(root=root), *args.pytest_args])
-        if rc != 0:
-            print(f"benchmarks failed (exit {rc}): nothing recorded", file=sys.stderr)
-            return EXIT_FAIL
-        saved = baselines.kernel_benchmark_file(root=root)
-        compare_fail = baselines.kernel_compare_fail(baselines.load_kernel_benchmarks(saved))
-        print(f"kernel baseline: {saved} (compare-fail {compare_fail})")
-    model = build_model(args)
-    settings = settings_from(args, repeats_default=10)
-    modes = default_modes(model, args.batches)
-    with _progress(len(modes), "record") as bar:
-        results = measure_all(model, modes, settings, progress=bar)
-    current = report_json(results, model, settings)
-    path = baselines.write_baseline(current, root=root, kernel_compare_fail=compare_fail)
-    print(report.table(current, None))
-    print(f"\nwrote {path}: commit it (git add {path.parent})")
-    return EXIT_OK
-
-
-def cmd_gate(args) -> int:
-    from profiling.gate import run_gate
-
-    if not _need_gpu("the gate"):
-        return EXIT_NO_BASELINE
-    baseline, reason = _load_baseline_or_reason(args.root)
-    if baseline is None:
-        print(f"GATE NOT RUN: {reason}", file=sys.stderr)
-        return EXIT_NO_BASELINE
-    model = build_model(args)
-    modes = len(baseline["modes"]) * 2
-    try:
-        with _progress(modes, "gate") as bar:
-            result, current = run_gate(model, baseline, repeats=args.repeats, progress=bar)
-    except BaselineError as exc:
-        print(f"GATE NOT RUN: {exc}", file=sys.stderr)
-        return EXIT_NO_BASELINE
-    print(report.table(current, baseline))
-    print(result.summary())
-    status = EXIT_OK if result.ok else EXIT_FAIL
-    if args.kernels:
-        status = max(status, cmd_bench(args))
-    return status
-
-
 def cmd_bench(args) -> int:
     if not _need_gpu("benchmarks"):
         return EXIT_USAGE
-    if getattr(args, "no_compare", False):
-        return EXIT_FAIL if _pytest(args.pytest_args) else EXIT_OK
+    if args.save:
+        rc = _pytest([*baselines.pytest_benchmark_save_args(root=args.root), *args.pytest_args])
+        return EXIT_FAIL if rc else EXIT_OK
     try:
         compare_args = baselines.pytest_benchmark_compare_args(root=args.root)
     except BaselineError as exc:
@@ -244,70 +303,64 @@ def cmd_bench(args) -> int:
 # --------------------------------------------------------------------------------------------
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m profiling", description=__doc__.split("\n\n")[0])
     p.add_argument(
-        "command", nargs="?", default="report", choices=("report", "record", "gate", "bench")
+        "command", nargs="?", default="report", choices=("report", "gate", "record", "bench")
     )
-    p.add_argument("--out", default="report", help="report: output folder (default ./report)")
-    p.add_argument("--batches", type=int, nargs="+", default=[1], help="batch sizes (default 1)")
     p.add_argument(
-        "--repeats",
-        type=int,
+        "--out",
         default=None,
-        help="timed repeats per mode (>= 5; default 5, record 10)",
+        help="report: output folder (default ./report); gate: also write gate.json there",
     )
-    p.add_argument("--prompt-len", type=int, default=None)
-    p.add_argument("--new-tokens", type=int, default=None)
-    p.add_argument("--layers", type=int, default=None, help="override num_hidden_layers")
+    p.add_argument("--root", default=str(baselines.BASELINE_ROOT), help="baselines folder")
+    p.add_argument("--seed", type=int, default=None, help="numerics inputs' seed (default fresh)")
+    p.add_argument("--small", action="store_true", help="the CPU's 2-layer model on any device")
+    p.add_argument("--layers", type=_positive, default=None, help="report/record: layer count")
+    p.add_argument("--batches", type=_positive, nargs="+", default=None, help="decode batches")
+    p.add_argument("--rounds", type=_positive, default=None, help="timed decode rounds (>= 5)")
+    p.add_argument("--prompt-len", type=_positive, default=None)
+    p.add_argument("--new-tokens", type=_positive, default=None)
     p.add_argument(
-        "--small", action="store_true", help="the CPU's 2-layer config on any device (quick checks)"
-    )
-    p.add_argument(
-        "--root",
-        default=str(baselines.BASELINE_ROOT),
-        help="baselines folder (default perf_baselines/)",
-    )
-    p.add_argument(
-        "--skip-kernels",
+        "--force",
         action="store_true",
-        help="record: leave out the pytest-benchmark kernel baseline",
+        help="record: replace a baseline of another model, plan or set of fusions",
     )
-    p.add_argument(
-        "--kernels",
-        action="store_true",
-        help="gate: also gate kernel medians (what the bench command does)",
-    )
-    p.add_argument(
-        "--no-compare",
-        action="store_true",
-        help="bench: run the benchmarks without comparing to a baseline",
-    )
-    p.add_argument(
-        "pytest_args",
-        nargs="*",
-        default=[],
-        help="extra pytest arguments (record, gate --kernels, bench), e.g. -k o_proj",
-    )
+    p.add_argument("--save", action="store_true", help="bench: save the run as the baseline")
+    p.add_argument("pytest_args", nargs="*", default=[], help="bench: extra pytest arguments")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     args, unknown = p.parse_known_args(argv)
-    if unknown and args.command == "report":
+    if unknown and args.command != "bench":
         p.error(f"unrecognized arguments: {' '.join(unknown)}")
-    # record/gate/bench: what we do not know is for pytest (e.g. -k o_proj, -x).
+    if args.pytest_args and args.command != "bench":
+        p.error(f"unrecognized arguments: {' '.join(args.pytest_args)}")
     args.pytest_args = [*args.pytest_args, *unknown]
-    if args.repeats is not None and args.repeats < 5:
-        print("--repeats must be >= 5 (D5: median of at least 5)", file=sys.stderr)
-        return EXIT_USAGE
-    commands = {"report": cmd_report, "record": cmd_record, "gate": cmd_gate, "bench": cmd_bench}
+    if args.rounds is not None and args.rounds < 5:
+        p.error("--rounds must be >= 5 (a median of at least 5)")
+    if args.command == "gate" and (args.layers or args.small or args.batches):
+        p.error("gate measures what its baseline measured: --layers/--small/--batches do not apply")
+    if args.out is None and args.command == "report":
+        args.out = "report"
+    commands = {"report": cmd_report, "gate": cmd_gate, "record": cmd_record, "bench": cmd_bench}
     try:
         return commands[args.command](args)
     except TraceError as exc:
         print(f"launch counting failed: {exc}", file=sys.stderr)
-        return EXIT_FAIL
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

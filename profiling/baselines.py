@@ -1,17 +1,16 @@
-"""perf_baselines/<gpu-slug>/: read, write and compare against stored results (DESIGN.md D6).
+"""perf_baselines/<gpu-slug>/: the gate's baseline, its limits, and the comparison.
 
-One folder per GPU model (``kernels.runtime.gpu_slug()``, e.g. nvidia-h100-80gb-hbm3):
+One folder per GPU model (``kernels.runtime.gpu_slug()``, e.g. nvidia-h100-80gb-hbm3), so
+that an H200 is never compared with H100 numbers:
 
-- ``throughput.json``: a throughput report (profiling/throughput.py) from a real run, plus the
-  gate's limits derived from that run (TOLERANCE_FORMULA below). Written only by
-  ``python -m profiling record``, never by tests.
-- ``<machine-id>/NNNN_<name>.json``: pytest-benchmark runs saved with
-  ``--benchmark-storage=file://perf_baselines/<slug> --benchmark-save=<name>``
-  (pytest-benchmark adds the machine-id folder, e.g. Linux-CPython-3.12-64bit).
+- ``baseline.json``: a run of the gate's stages (profiling/measure.py) on that GPU, plus the
+  limits derived from it (TOLERANCE_RULES). Written only by ``python -m profiling record``.
+- ``<machine-id>/NNNN_<name>.json``: pytest-benchmark kernel benchmark runs (``bench``).
 
-``compare(current, baseline)`` is pure logic on two report dicts, so CPU CI tests it on
-synthetic files. A baseline that is missing, unreadable, for another GPU model or for another
-model config raises a BaselineError: the gate never passes for want of a baseline.
+``validate`` checks a baseline's schema and types before anything is measured; ``compare``
+is pure logic on two runs, so CPU CI tests it on synthetic runs. A baseline that is missing,
+unreadable, malformed, for another GPU model or for another model or plan raises a
+BaselineError: the gate never passes for want of a baseline.
 """
 
 from __future__ import annotations
@@ -27,34 +26,24 @@ from kernels.runtime import gpu_slug
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BASELINE_ROOT = REPO_ROOT / "perf_baselines"
-THROUGHPUT_FILE = "throughput.json"
-BASELINE_SCHEMA = "fusionguard-throughput-baseline/1"
+BASELINE_FILE = "baseline.json"
+BASELINE_SCHEMA = "fusionguard-baseline/2"
 RECORD_COMMAND = "python -m profiling record   (tox -e record) on this GPU, then commit it"
 
-# Noise floor for the fused tok/s tolerance: repeats inside one process can agree to 0.5%
-# while separate processes on a shared machine differ by a few percent (clocks, placement).
-TOLERANCE_FLOOR = 0.05
-# Kernel medians (pytest-benchmark): never gate tighter than this.
-KERNEL_COMPARE_FLOOR = 0.05
-TOLERANCE_FORMULA = (
-    "per mode, over the baseline's timed repeats of fused decode tok/s: "
-    "tolerance = max(3 * mad_rel, spread_rel, 0.05), mad_rel = median(|x - median|) / median, "
-    "spread_rel = (max - min) / median. The gate fails when fused tok/s median < "
-    "baseline median * (1 - tolerance). speedup_floor = speedup * (1 - (tolerance_fused + "
-    "tolerance_unfused)) (relative errors of a ratio of two medians add). Launches per token "
-    "(all kernels, o_proj_residual, memcpy, memset) are exact: any rise fails. Kernel medians: "
-    "pytest-benchmark --benchmark-compare-fail=median:X%, X = max(5, 3 * max over benchmarks of "
-    "100 * iqr / median), rounded up."
-)
-# What must be equal for two reports to be comparable at all.
-_SAME = ("config", "dtype")
-_SAME_SETTINGS = ("prompt_len", "new_tokens", "launch_steps")
-_LAUNCH_FIELDS = (
-    "launches_per_token",
-    "o_proj_residual_per_token",
-    "o_proj_residual_per_layer",
-    "memcpy_per_token",
-    "memset_per_token",
+KERNEL_RATIO_FLOOR, KERNEL_RATIO_CAP = 0.02, 0.04
+TOK_S_FLOOR, TOK_S_CAP = 0.04, 0.10
+SPEEDUP_FLOOR_ABS, SPEEDUP_GAIN_SHARE, SPEEDUP_GAIN_CAP = 0.005, 0.15, 0.45
+TOLERANCE_RULES = (
+    "Launches: exact; kernels per step (total, memcpy, memset) and each segment's instances "
+    "and kernels per instance may not rise. Kernel time ratio fused/reference (median of "
+    "per-round ratios): tolerance = min(0.04, max(0.02, 4 * MAD/median of the rounds)), "
+    "fail when ratio > stored * (1 + tolerance): a 5% slower fused step fails. Default "
+    "variant tok/s: tolerance = min(0.10, max(0.04, 4 * MAD/median)), fail below stored * "
+    "(1 - tolerance). Speed-up on/off (median of per-round ratios), gain = speed-up - 1: "
+    "tolerance = min(0.45 * gain, max(0.005, 4 * MAD, 0.15 * gain)), floor = speed-up - "
+    "tolerance (above 1 + gain/2: losing half the gain fails); a speed-up whose gain is not "
+    "above twice its noise (4 * MAD) is stored as not gated, with the reason. Numerics: the "
+    "rule of profiling/numerics.py, not stored. Every tolerance is positive and <= 0.10."
 )
 
 
@@ -75,82 +64,237 @@ class ForeignBaseline(BaselineError):
 
 
 class BaselineMismatch(BaselineError):
-    """The baseline was measured on another model config or with other settings."""
+    """The baseline was measured with another model, plan or set of fusions."""
 
 
 def baseline_dir(slug: str | None = None, root: str | Path = BASELINE_ROOT) -> Path:
     return Path(root) / (gpu_slug() if slug is None else slug)
 
 
+def baseline_path(slug: str | None = None, root: str | Path = BASELINE_ROOT) -> Path:
+    return baseline_dir(slug, root) / BASELINE_FILE
+
+
 # --------------------------------------------------------------------------------------------
-# Throughput baseline: derive, write, read
+# Limits
 # --------------------------------------------------------------------------------------------
 
 
-def tolerance(entry: dict) -> float:
-    """The fused/unfused entry's tok/s tolerance from its repeats (TOLERANCE_FORMULA)."""
-    repeats = entry["tok_s_repeats"]
-    med = statistics.median(repeats)
-    mad = statistics.median(abs(x - med) for x in repeats)
-    spread = (max(repeats) - min(repeats)) / med
-    return max(3 * mad / med, spread, TOLERANCE_FLOOR)
+def _mad_rel(values) -> float:
+    med = statistics.median(values)
+    return statistics.median(abs(x - med) for x in values) / med
+
+
+def _mad_abs(values) -> float:
+    med = statistics.median(values)
+    return statistics.median(abs(x - med) for x in values)
+
+
+def ratio_limit(entry: dict) -> dict:
+    tol = min(KERNEL_RATIO_CAP, max(KERNEL_RATIO_FLOOR, 4 * _mad_rel(entry["rounds"])))
+    return {"tolerance": tol, "max": entry["ratio"] * (1 + tol)}
+
+
+def tok_s_limit(entry: dict) -> dict:
+    tol = min(TOK_S_CAP, max(TOK_S_FLOOR, 4 * _mad_rel(entry["tok_s"])))
+    return {"tolerance": tol, "min": entry["median"] * (1 - tol)}
+
+
+def speedup_limit(entry: dict) -> dict:
+    gain = entry["median"] - 1
+    noise = 4 * _mad_abs(entry["rounds"])
+    if gain <= 2 * max(noise, SPEEDUP_FLOOR_ABS):
+        return {
+            "gated": False,
+            "reason": f"gain {gain:+.2%} is not above twice its noise (4 x MAD = {noise:.2%})",
+        }
+    tol = min(SPEEDUP_GAIN_CAP * gain, max(SPEEDUP_FLOOR_ABS, noise, SPEEDUP_GAIN_SHARE * gain))
+    return {"gated": True, "tolerance": tol, "floor": entry["median"] - tol}
 
 
 def make_baseline(report: dict) -> dict:
-    """A throughput report plus the gate's limits for every mode (TOLERANCE_FORMULA)."""
+    """A run of the gate's stages plus its limits (TOLERANCE_RULES)."""
     if report.get("interpreted") or report.get("gpu_slug") in (None, "cpu"):
         raise ValueError(
             "refusing to make a baseline from a CPU/interpreter run: its timings mean nothing"
         )
+    for key in ("launches", "kernel_ratios", "e2e"):
+        if not report.get(key):
+            raise ValueError(f"the run has no {key!r} measurements: cannot make a baseline")
     baseline = copy.deepcopy(report)
     baseline["schema"] = BASELINE_SCHEMA
-    baseline["tolerance_formula"] = TOLERANCE_FORMULA
-    for key, entry in baseline["modes"].items():
-        if "fused" not in entry or "unfused" not in entry:
-            raise ValueError(f"mode {key} lacks a fused or unfused measurement")
-        for path in ("fused", "unfused"):
-            if entry[path].get("launches_per_token") is None:
-                raise ValueError(f"mode {key} {path} has no launch counts: cannot gate launches")
-        tol_f, tol_u = tolerance(entry["fused"]), tolerance(entry["unfused"])
-        entry["fused_tok_s_tolerance"] = tol_f
-        entry["fused_tok_s_min"] = entry["fused"]["tok_s_median"] * (1 - tol_f)
-        entry["speedup_tolerance"] = tol_f + tol_u
-        entry["speedup_floor"] = entry["speedup"] * (1 - (tol_f + tol_u))
+    baseline["tolerance_rules"] = TOLERANCE_RULES
+    baseline.pop("numerics", None)
+    for entry in baseline["kernel_ratios"].values():
+        entry.update(ratio_limit(entry))
+    for per_batch in baseline["e2e"].values():
+        per_batch["variants"]["default"].update(tok_s_limit(per_batch["variants"]["default"]))
+        for entry in per_batch["speedups"].values():
+            entry.update(speedup_limit(entry))
     return baseline
 
 
-def write_baseline(
-    report: dict, *, root: str | Path = BASELINE_ROOT, kernel_compare_fail: str | None = None
-) -> Path:
-    """Write ``report`` as perf_baselines/<its gpu slug>/throughput.json (record command only)."""
-    baseline = make_baseline(report)
-    if kernel_compare_fail is not None:
-        baseline["kernel_compare_fail"] = kernel_compare_fail
-    path = baseline_dir(report["gpu_slug"], root) / THROUGHPUT_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(baseline, indent=2, sort_keys=True) + "\n")
-    return path
+# --------------------------------------------------------------------------------------------
+# Validation: schema and types, before anything is measured
+# --------------------------------------------------------------------------------------------
+
+
+def _num(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _pos(x) -> bool:
+    return _num(x) and x > 0
+
+
+def _int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _nums(x, n_min: int = 1) -> bool:
+    return isinstance(x, list) and len(x) >= n_min and all(_pos(v) for v in x)
+
+
+def _tolerance(x) -> bool:
+    return _num(x) and 0 < x <= TOK_S_CAP
+
+
+def validate(baseline) -> list[str]:
+    """Every problem of ``baseline``'s schema and types (empty: usable)."""
+    if not isinstance(baseline, dict):
+        return ["the top level is not a JSON object"]
+    p: list[str] = []
+
+    def need(cond, what):
+        if not cond:
+            p.append(what)
+
+    need(
+        baseline.get("schema") == BASELINE_SCHEMA,
+        f"schema is {baseline.get('schema')!r}, expected {BASELINE_SCHEMA!r}",
+    )
+    for field in ("gpu", "gpu_slug", "date"):
+        need(isinstance(baseline.get(field), str), f"{field!r} is not a string")
+    model = baseline.get("model")
+    if not isinstance(model, dict):
+        return [*p, "'model' is not an object"]
+    need(
+        isinstance(model.get("config"), dict) and all(_int(v) for v in model["config"].values()),
+        "model.config is not dims",
+    )
+    need(isinstance(model.get("dtype"), str), "model.dtype is not a string")
+    need(
+        isinstance(model.get("default_fusions"), list)
+        and all(isinstance(n, str) for n in model["default_fusions"]),
+        "model.default_fusions is not a list of names",
+    )
+    fusions = model.get("fusions")
+    if not isinstance(fusions, dict) or not fusions:
+        p.append("model.fusions is not a non-empty object")
+    else:
+        for name, f in fusions.items():
+            ok = isinstance(f, dict) and all(
+                _int(f.get(k)) for k in ("instances_per_step", "fused_kernels", "unfused_kernels")
+            )
+            need(ok, f"model.fusions.{name} lacks integer instances and kernel counts")
+    plan = baseline.get("plan")
+    if not isinstance(plan, dict):
+        p.append("'plan' is not an object")
+    else:
+        for k in ("prompt_len", "new_tokens", "rounds", "kernel_rounds", "launch_steps"):
+            need(_int(plan.get(k)) and plan[k] > 0, f"plan.{k} is not a positive integer")
+        for k in ("batches", "kernel_rows", "numerics_rows"):
+            v = plan.get(k)
+            need(
+                isinstance(v, list) and v and all(_int(x) and x > 0 for x in v),
+                f"plan.{k} is not a list of positive integers",
+            )
+    launches = baseline.get("launches")
+    if not isinstance(launches, dict) or not launches:
+        p.append("'launches' is not a non-empty object")
+    else:
+        for key, e in launches.items():
+            if not isinstance(e, dict):
+                p.append(f"launches.{key} is not an object")
+                continue
+            for k in ("kernels_per_step", "memcpy_per_step", "memset_per_step"):
+                need(_num(e.get(k)) and e[k] >= 0, f"launches.{key}.{k} is not a count")
+            need(e.get("mode") in ("eager", "graph"), f"launches.{key}.mode is not eager/graph")
+            need(_int(e.get("batch")), f"launches.{key}.batch is not an integer")
+            segs = e.get("segments")
+            if not isinstance(segs, dict):
+                p.append(f"launches.{key}.segments is not an object")
+                continue
+            for s, v in segs.items():
+                need(
+                    isinstance(v, dict)
+                    and _num(v.get("instances"))
+                    and _num(v.get("per_instance")),
+                    f"launches.{key}.segments.{s} lacks instances/per_instance",
+                )
+    ratios = baseline.get("kernel_ratios")
+    if not isinstance(ratios, dict) or not ratios:
+        p.append("'kernel_ratios' is not a non-empty object")
+    else:
+        for key, e in ratios.items():
+            ok = (
+                isinstance(e, dict)
+                and _pos(e.get("ratio"))
+                and _tolerance(e.get("tolerance"))
+                and _pos(e.get("max"))
+                and _nums(e.get("rounds"))
+            )
+            need(ok, f"kernel_ratios.{key} lacks a positive ratio, tolerance (0, 0.1], max, rounds")
+    e2e = baseline.get("e2e")
+    if not isinstance(e2e, dict) or not e2e:
+        p.append("'e2e' is not a non-empty object")
+    else:
+        for key, b in e2e.items():
+            if not isinstance(b, dict) or not isinstance(b.get("variants"), dict):
+                p.append(f"e2e.{key} lacks variants")
+                continue
+            d = b["variants"].get("default")
+            ok = isinstance(d, dict) and _pos(d.get("median")) and _tolerance(d.get("tolerance"))
+            need(
+                ok and _pos(d.get("min")), f"e2e.{key}.variants.default lacks median/tolerance/min"
+            )
+            sp = b.get("speedups")
+            if not isinstance(sp, dict) or "all" not in sp:
+                p.append(f"e2e.{key}.speedups lacks 'all'")
+                continue
+            for name, s in sp.items():
+                if not isinstance(s, dict) or not isinstance(s.get("gated"), bool):
+                    p.append(f"e2e.{key}.speedups.{name} lacks 'gated'")
+                    continue
+                if s["gated"]:
+                    ok = _pos(s.get("median")) and _pos(s.get("floor")) and _num(s.get("tolerance"))
+                    ok = ok and 0 < s["tolerance"] <= TOK_S_CAP * 10 and s["floor"] > 1
+                    need(ok, f"e2e.{key}.speedups.{name} lacks median, tolerance, floor > 1")
+                else:
+                    need(isinstance(s.get("reason"), str), f"e2e.{key}.speedups.{name}: no reason")
+    return p
 
 
 def load_baseline(slug: str | None = None, *, root: str | Path = BASELINE_ROOT) -> dict:
-    """This GPU's throughput baseline; BaselineError (with what to do) when unusable."""
+    """This GPU's baseline, validated; BaselineError (saying what to do) when unusable."""
     slug = gpu_slug() if slug is None else slug
-    path = baseline_dir(slug, root) / THROUGHPUT_FILE
+    path = baseline_path(slug, root)
     if not path.is_file():
-        raise BaselineMissing(
-            f"no throughput baseline for {slug} ({path}): record one with {RECORD_COMMAND}"
-        )
+        raise BaselineMissing(f"no baseline for {slug} ({path}): record one with {RECORD_COMMAND}")
     try:
         baseline = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BaselineCorrupt(
             f"{path} is not valid JSON ({exc}): re-record it with {RECORD_COMMAND}"
         ) from exc
-    problems = _schema_problems(baseline)
+    problems = validate(baseline)
     if problems:
+        shown = "; ".join(problems[:6]) + (
+            f"; and {len(problems) - 6} more" if len(problems) > 6 else ""
+        )
         raise BaselineCorrupt(
-            f"{path} is not a fusionguard throughput baseline ({'; '.join(problems)}): "
-            f"re-record it with {RECORD_COMMAND}"
+            f"{path} is not a usable fusionguard baseline ({shown}): re-record it with "
+            f"{RECORD_COMMAND}"
         )
     if baseline["gpu_slug"] != slug:
         raise ForeignBaseline(
@@ -161,53 +305,49 @@ def load_baseline(slug: str | None = None, *, root: str | Path = BASELINE_ROOT) 
     return baseline
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _schema_problems(baseline) -> list[str]:
-    if not isinstance(baseline, dict):
-        return ["top level is not an object"]
-    problems = []
-    if baseline.get("schema") != BASELINE_SCHEMA:
-        problems.append(f"schema is {baseline.get('schema')!r}, expected {BASELINE_SCHEMA!r}")
-    for field in ("gpu", "gpu_slug", "config", "dtype", "settings", "modes"):
-        if field not in baseline:
-            problems.append(f"missing {field!r}")
-    modes = baseline.get("modes")
-    if not isinstance(modes, dict) or not modes:
-        problems.append("no measured modes")
-        return problems
-    for key, entry in modes.items():
-        if not isinstance(entry, dict):
-            problems.append(f"mode {key!r} is not an object")
-            continue
-        for field in ("fused", "unfused", "fused_tok_s_min", "speedup", "speedup_floor"):
-            if field not in entry:
-                problems.append(f"mode {key!r} lacks {field!r}")
-        for path in ("fused", "unfused"):
-            sub = entry.get(path)
-            if not isinstance(sub, dict):
-                continue
-            for field in ("tok_s_median", *_LAUNCH_FIELDS):
-                if not _is_number(sub.get(field)):
-                    problems.append(f"mode {key!r} {path} {field!r} is not a number")
-            if _is_number(sub.get("tok_s_median")) and not sub["tok_s_median"] > 0:
-                problems.append(f"mode {key!r} {path} tok_s_median is not positive")
-    return problems
+def check_comparable(current: dict, baseline: dict) -> None:
+    """Raise ForeignBaseline / BaselineMismatch unless the two runs can be compared."""
+    if current.get("gpu_slug") != baseline.get("gpu_slug"):
+        raise ForeignBaseline(
+            f"this run is on {current.get('gpu')!r} ({current.get('gpu_slug')}) but the "
+            f"baseline on {baseline.get('gpu')!r} ({baseline.get('gpu_slug')}): never compared"
+        )
+    cm, bm = current["model"], baseline["model"]
+    for field in ("config", "dtype"):
+        if cm[field] != bm[field]:
+            raise BaselineMismatch(
+                f"model {field} differs from the baseline's ({cm[field]} vs {bm[field]}): "
+                f"measure the baseline's model, or re-record with --force"
+            )
+    new = sorted(set(cm["fusions"]) - set(bm["fusions"]))
+    gone = sorted(set(bm["fusions"]) - set(cm["fusions"]))
+    if new or gone:
+        raise BaselineMismatch(
+            "the registered fusions differ from the baseline's ("
+            + ", ".join([*(f"new: {n}" for n in new), *(f"gone: {g}" for g in gone)])
+            + "): re-record the baseline with --force so that they are gated"
+        )
+    for field in ("prompt_len", "new_tokens", "batches", "kernel_rows", "launch_steps"):
+        ours, theirs = current["plan"].get(field), baseline["plan"].get(field)
+        if ours != theirs:
+            raise BaselineMismatch(
+                f"plan {field} is {ours}, the baseline used {theirs}: measure with the "
+                "baseline's plan, or re-record with --force"
+            )
 
 
 # --------------------------------------------------------------------------------------------
-# The gate
+# The comparison
 # --------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
 class Check:
-    kind: str  # "launches", "tok_s", "speedup", "numerics", "mode"
-    mode: str | None
+    stage: str  # flags, launches, numerics, kernel_ratio, tok_s, speedup
+    key: str
     message: str
     ok: bool
+    timing: bool = False  # a timing check: measured once more before the gate fails
 
 
 @dataclasses.dataclass
@@ -217,112 +357,257 @@ class GateResult:
 
     @property
     def ok(self) -> bool:
-        return all(c.ok for c in self.checks) and bool(self.checks)
+        return bool(self.checks) and all(c.ok for c in self.checks)
 
     @property
     def failures(self) -> list[Check]:
         return [c for c in self.checks if not c.ok]
 
-    def failed_kinds(self) -> set[str]:
-        return {c.kind for c in self.failures}
+    def failed_stages(self) -> set[str]:
+        return {c.stage for c in self.failures}
 
     def summary(self) -> str:
-        lines = [f"gate: {'PASS' if self.ok else 'FAIL'} ({len(self.checks)} checks)"]
-        lines += [f"  FAIL [{c.kind}] {c.mode or ''} {c.message}" for c in self.failures]
+        stages = sorted({c.stage for c in self.checks})
+        lines = [
+            f"gate: {'PASS' if self.ok else 'FAIL'} ({len(self.checks)} checks: "
+            + ", ".join(f"{s} {sum(c.stage == s for c in self.checks)}" for s in stages)
+            + ")"
+        ]
+        lines += [f"  FAIL [{c.stage}] {c.key}: {c.message}" for c in self.failures]
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
+    def to_json(self) -> dict:
+        return {
+            "ok": self.ok,
+            "checks": [dataclasses.asdict(c) for c in self.checks],
+            "notes": self.notes,
+        }
 
-def check_comparable(current: dict, baseline: dict) -> None:
-    """Raise ForeignBaseline / BaselineMismatch unless the two runs can be compared."""
-    if current.get("gpu_slug") != baseline.get("gpu_slug"):
-        raise ForeignBaseline(
-            f"current run is on {current.get('gpu')!r} ({current.get('gpu_slug')}) but the "
-            f"baseline on {baseline.get('gpu')!r} ({baseline.get('gpu_slug')}): never compared"
+
+def compare_flags(current: dict, baseline: dict) -> list[Check]:
+    now, then = current["model"]["default_fusions"], baseline["model"]["default_fusions"]
+    return [
+        Check(
+            "flags",
+            "default_fusions",
+            f"the engine's default fusions are {now or 'none'}"
+            + ("" if now == then else f", the baseline's {then}"),
+            now == then,
         )
-    for field in _SAME:
-        if current.get(field) != baseline.get(field):
-            raise BaselineMismatch(
-                f"{field} differs from the baseline's ({current.get(field)} vs "
-                f"{baseline.get(field)}): measure with the baseline's, or re-record"
+    ]
+
+
+def compare_launches(current: dict, baseline: dict, notes: list[str]) -> list[Check]:
+    checks = []
+    for key, base in sorted(baseline["launches"].items()):
+        cur = current["launches"].get(key)
+        if cur is None:
+            checks.append(Check("launches", key, "not counted in this run", False))
+            continue
+        for field in ("kernels_per_step", "memcpy_per_step", "memset_per_step"):
+            now, then = cur[field], base[field]
+            ok = now <= then
+            checks.append(Check("launches", f"{key}.{field}", f"{now:g} (baseline {then:g})", ok))
+            if now < then:
+                notes.append(f"{key} {field} fell ({now:g} < {then:g}): re-record to lock it in")
+        for name in sorted(set(base["segments"]) | set(cur["segments"])):
+            b, c = base["segments"].get(name), cur["segments"].get(name)
+            where = f"{key}.{name}"
+            if c is None:
+                checks.append(Check("launches", where, "segment not run in this run", False))
+            elif b is None:
+                checks.append(
+                    Check(
+                        "launches",
+                        where,
+                        "a segment the baseline did not run "
+                        f"({c['instances']:g} x {c['per_instance']:g} kernels)",
+                        False,
+                    )
+                )
+            else:
+                ok = c["instances"] == b["instances"] and c["per_instance"] <= b["per_instance"]
+                checks.append(
+                    Check(
+                        "launches",
+                        where,
+                        f"{c['instances']:g} x {c['per_instance']:g} kernels "
+                        f"(baseline {b['instances']:g} x {b['per_instance']:g})",
+                        ok,
+                    )
+                )
+    # The config's claim: all unfused minus each variant is exactly what its fusions save.
+    model = current["model"]
+    for key, cur in sorted(current["launches"].items()):
+        off_key = key.replace(f"{cur['variant']}/", "none/", 1)
+        off = current["launches"].get(off_key)
+        if cur["variant"] == "none" or off is None or cur["batch"] != 1:
+            continue
+        expected = expected_delta(model, cur["fusions"])
+        measured = off["kernels_per_step"] - cur["kernels_per_step"]
+        checks.append(
+            Check(
+                "launches",
+                f"{key}.saved",
+                f"{measured:g} kernels fewer than all unfused (the config says {expected})",
+                measured == expected,
             )
-    for field in _SAME_SETTINGS:
-        ours, theirs = current["settings"].get(field), baseline["settings"].get(field)
-        if ours != theirs:
-            raise BaselineMismatch(
-                f"setting {field} is {ours}, the baseline used {theirs}: measure with the "
-                "baseline's settings"
+        )
+    return checks
+
+
+def expected_delta(model_info: dict, fusions) -> int:
+    info = model_info["fusions"]
+    return sum(
+        info[f]["instances_per_step"] * (info[f]["unfused_kernels"] - info[f]["fused_kernels"])
+        for f in fusions
+    )
+
+
+def compare_numerics(current: dict) -> list[Check]:
+    return [
+        Check("numerics", r["name"] + f"/{r['dtype']}/m{r['rows']}", _numerics_message(r), r["ok"])
+        for r in current.get("numerics", [])
+    ]
+
+
+def _numerics_message(r: dict) -> str:
+    text = f"max_abs {r['max_abs']:.3g} (unfused {r['unfused_max_abs']:.3g})"
+    return text + ("" if r["ok"] else ": " + "; ".join(r["failures"]))
+
+
+def compare_kernel_ratios(current: dict, baseline: dict) -> list[Check]:
+    checks = []
+    for key, base in sorted(baseline["kernel_ratios"].items()):
+        cur = current.get("kernel_ratios", {}).get(key)
+        if cur is None:
+            checks.append(Check("kernel_ratio", key, "not measured in this run", False, True))
+            continue
+        ok = cur["ratio"] <= base["max"]
+        checks.append(
+            Check(
+                "kernel_ratio",
+                key,
+                f"{cur['ratio']:.4f} ({cur['fused_us']:.2f} vs {cur['reference_us']:.2f} µs) "
+                f"vs baseline {base['ratio']:.4f} (max {base['max']:.4f}, "
+                f"+{base['tolerance']:.1%})",
+                ok,
+                True,
             )
+        )
+    return checks
 
 
-def compare(current: dict, baseline: dict, *, numerics=None) -> GateResult:
-    """Gate ``current`` (a throughput report) against ``baseline`` (make_baseline's output).
+def compare_e2e(current: dict, baseline: dict, notes: list[str]) -> list[Check]:
+    checks = []
+    for key, base in sorted(baseline["e2e"].items()):
+        cur = current.get("e2e", {}).get(key)
+        if cur is None:
+            checks.append(Check("tok_s", key, "not measured in this run", False, True))
+            continue
+        d, bd = cur["variants"]["default"], base["variants"]["default"]
+        checks.append(
+            Check(
+                "tok_s",
+                f"{key}.default",
+                f"{d['median']:.1f} tok/s vs baseline {bd['median']:.1f} (min {bd['min']:.1f}, "
+                f"-{bd['tolerance']:.1%})",
+                d["median"] >= bd["min"],
+                True,
+            )
+        )
+        for name, bs in sorted(base["speedups"].items()):
+            cs = cur["speedups"].get(name)
+            where = f"{key}.speedup.{name}"
+            if cs is None:
+                checks.append(Check("speedup", where, "not measured in this run", False, True))
+            elif not bs["gated"]:
+                notes.append(f"{where}: {cs['median']:.3f}x, not gated: {bs['reason']}")
+            else:
+                checks.append(
+                    Check(
+                        "speedup",
+                        where,
+                        f"{cs['on']}/{cs['off']} {cs['median']:.3f}x vs baseline "
+                        f"{bs['median']:.3f}x (floor {bs['floor']:.3f}x)",
+                        cs["median"] >= bs["floor"],
+                        True,
+                    )
+                )
+    return checks
 
-    Fails on: any rise of launches per token (total, o_proj_residual, memcpy, memset) in any
-    mode; fused tok/s below the baseline's ``fused_tok_s_min``; fused/unfused speed-up below
-    ``speedup_floor``; a mode of the baseline not measured; and, when ``numerics`` (a
-    profiling.numerics.NumericsResult, or a list of them) is given, a numerics failure.
+
+def compare(current: dict, baseline: dict) -> GateResult:
+    """Gate ``current`` (a run of the gate's stages) against ``baseline`` (make_baseline's).
+
     Raises BaselineError when the two cannot be compared.
     """
     check_comparable(current, baseline)
-    checks: list[Check] = []
     notes: list[str] = []
     for field in ("torch", "triton", "cuda"):
         if current.get(field) != baseline.get(field):
             notes.append(
                 f"{field} {current.get(field)} differs from the baseline's {baseline.get(field)}"
             )
-    for key, base in sorted(baseline["modes"].items()):
-        cur = current["modes"].get(key)
-        if cur is None or "fused" not in cur or "unfused" not in cur:
-            checks.append(Check("mode", key, "not measured in the current run", False))
-            continue
-        for path in ("fused", "unfused"):
-            for field in _LAUNCH_FIELDS:
-                now, then = cur[path].get(field), base[path][field]
-                if now is None:
-                    checks.append(Check("launches", key, f"{path} {field}: not counted", False))
-                elif now > then:
-                    checks.append(
-                        Check("launches", key, f"{path} {field} rose: {now:g} > {then:g}", False)
-                    )
-                else:
-                    checks.append(Check("launches", key, f"{path} {field} {now:g}", True))
-                    if now < then:
-                        notes.append(
-                            f"{key} {path} {field} fell ({now:g} < {then:g}): re-record the "
-                            "baseline to lock the gain in"
-                        )
-        fused = cur["fused"]["tok_s_median"]
-        limit = base["fused_tok_s_min"]
-        checks.append(
-            Check(
-                "tok_s",
-                key,
-                f"fused {fused:.1f} tok/s vs baseline {base['fused']['tok_s_median']:.1f} "
-                f"(min {limit:.1f}, tolerance {base.get('fused_tok_s_tolerance', 0):.1%})",
-                fused >= limit,
-            )
-        )
-        speedup = fused / cur["unfused"]["tok_s_median"]
-        checks.append(
-            Check(
-                "speedup",
-                key,
-                f"fused/unfused {speedup:.3f}x vs baseline {base['speedup']:.3f}x "
-                f"(floor {base['speedup_floor']:.3f}x)",
-                speedup >= base["speedup_floor"],
-            )
-        )
-    if numerics is not None:
-        for result in numerics if isinstance(numerics, (list, tuple)) else [numerics]:
-            checks.append(Check("numerics", None, result.summary(), result.ok))
+    checks = [
+        *compare_flags(current, baseline),
+        *compare_launches(current, baseline, notes),
+        *compare_numerics(current),
+        *compare_kernel_ratios(current, baseline),
+        *compare_e2e(current, baseline, notes),
+    ]
     return GateResult(checks, notes)
 
 
 # --------------------------------------------------------------------------------------------
-# Kernel medians: pytest-benchmark's own compare
+# Recording
 # --------------------------------------------------------------------------------------------
+
+
+def summary_line(baseline: dict) -> str:
+    b1 = baseline["e2e"].get("b1") or next(iter(baseline["e2e"].values()))
+    return (
+        f"commit {baseline.get('commit')} of {baseline.get('date')}: default "
+        f"{b1['variants']['default']['median']:.1f} tok/s, speed-up "
+        f"{b1['speedups']['all']['median']:.3f}x"
+    )
+
+
+def write_baseline(
+    report: dict, *, root: str | Path = BASELINE_ROOT, force: bool = False
+) -> tuple[Path, str | None]:
+    """Write ``report`` as this GPU's baseline. Refuses (BaselineMismatch) to replace a baseline
+    of another model, plan or set of fusions unless ``force``. Returns the path and a line
+    describing what was replaced (None: nothing was there)."""
+    baseline = make_baseline(report)
+    path = baseline_path(report["gpu_slug"], root)
+    replaced = None
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            old = None
+        if old is not None and not validate(old):
+            if not force:
+                check_comparable(report, old)  # raises on another model, plan or fusions
+            replaced = summary_line(old)
+        elif not force:
+            raise BaselineCorrupt(
+                f"{path} exists but is not a usable baseline: pass --force to replace it"
+            )
+        else:
+            replaced = "an unusable file"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(baseline, indent=1, sort_keys=True) + "\n")
+    return path, replaced
+
+
+# --------------------------------------------------------------------------------------------
+# Kernel benchmarks: pytest-benchmark's own compare
+# --------------------------------------------------------------------------------------------
+
+KERNEL_COMPARE_FLOOR = 0.05
 
 
 def kernel_benchmark_file(slug: str | None = None, *, root: str | Path = BASELINE_ROOT) -> Path:
@@ -332,7 +617,7 @@ def kernel_benchmark_file(slug: str | None = None, *, root: str | Path = BASELIN
     if not saved:
         raise BaselineMissing(
             f"no pytest-benchmark baseline under {folder}/<machine-id>/: record one with "
-            f"python -m profiling record --kernels   (tox -e record) on this GPU"
+            f"python -m profiling bench --save   on this GPU"
         )
     return saved[-1]
 
@@ -357,7 +642,7 @@ def load_kernel_benchmarks(path: Path, slug: str | None = None) -> dict:
 
 
 def kernel_compare_fail(data: dict) -> str:
-    """``median:X%`` for --benchmark-compare-fail from a saved run's spread (TOLERANCE_FORMULA)."""
+    """``median:X%`` for --benchmark-compare-fail: max(5, 3 x the worst iqr/median), rounded up."""
     worst = max(b["stats"]["iqr"] / b["stats"]["median"] for b in data["benchmarks"])
     percent = math.ceil(100 * max(KERNEL_COMPARE_FLOOR, 3 * worst))
     return f"median:{percent}%"
@@ -374,24 +659,17 @@ def pytest_benchmark_compare_args(
     slug = gpu_slug() if slug is None else slug
     path = kernel_benchmark_file(slug, root=root)
     data = load_kernel_benchmarks(path, slug)
-    threshold = None
-    throughput = baseline_dir(slug, root) / THROUGHPUT_FILE
-    if throughput.is_file():
-        try:
-            threshold = json.loads(throughput.read_text()).get("kernel_compare_fail")
-        except (OSError, json.JSONDecodeError):
-            threshold = None
     return [
         f"--benchmark-storage=file://{baseline_dir(slug, root)}",
         f"--benchmark-compare={path}",
-        f"--benchmark-compare-fail={threshold or kernel_compare_fail(data)}",
+        f"--benchmark-compare-fail={kernel_compare_fail(data)}",
     ]
 
 
 def pytest_benchmark_save_args(
-    slug: str | None = None, *, root: str | Path = BASELINE_ROOT, name: str = "baseline"
+    slug: str | None = None, *, root: str | Path = BASELINE_ROOT, name: str = "kernels"
 ) -> list[str]:
-    """Arguments that save a pytest-benchmark run as this GPU's kernel baseline."""
+    """Arguments that save a pytest-benchmark run as this GPU's kernel benchmark baseline."""
     return [
         f"--benchmark-storage=file://{baseline_dir(slug, root)}",
         f"--benchmark-save={name}",

@@ -1,118 +1,159 @@
-"""Kernel timing the way GPU.md prescribes: a chain of calls over distinct weights, captured
-in one CUDA graph, timed by replays.
+"""Kernel time of a fusion step: a CUDA-graph chain over distinct weights, timed interleaved
+with its references in one process (docs/definitions.md, "Kernel timing").
 
-- 28 distinct layer weights (as many as Qwen3-0.6B has layers): together more bytes than the
-  H100's 50 MB L2, so each call streams its weight from DRAM instead of from cache.
-- The residual is chained (call i's output is call i+1's residual), as in the model.
-- The graph holds ``reps`` passes over the 28 layers so that the replay's own launch cost is
-  spread over many calls; time per call = replay time / (layers * reps), median of rounds.
+- Each implementation of the step (the fused callable, the span's unfused ops, each peer) is
+  called once per layer over ``layers`` distinct input sets (weights and activations drawn at
+  the model's shapes): 28 layers of Qwen3-0.6B weights are more bytes than the H100's 50 MB
+  L2, so every call streams its weight from DRAM, as in the model.
+- The chain holds ``reps`` passes over the layers, captured once in a CUDA graph, so that the
+  replay's own launch cost is spread over many calls; time per call = replay time / calls.
+- Rounds alternate the implementations (fused, unfused, peers, fused, ...), so that clock and
+  thermal drift cancel in the ratio fused / reference of each round; the figure is the median
+  of the per-round ratios. Measured on the H100, the fused/addmm_ ratio of one step repeats to
+  0.05% across processes, far sharper than an absolute time compared across runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from kernels.fused_attn_output import fused_attn_output_residual
+from engine.program import Fusion, call_fused, draw_inputs, external_reads, run_unfused, span_ops
 
-Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def fused_step(x, r, w):
-    return fused_attn_output_residual(x, r, w)
-
-
-def linear_add_step(x, r, w):
-    return r + F.linear(x, w)
-
-
-def addmm_step(x, r, w):
-    return r.addmm_(x, w.T)
-
-
-def compiled_linear_add_step(mode: str | None = "max-autotune-no-cudagraphs") -> Step:
-    return torch.compile(linear_add_step, mode=mode, dynamic=False)
-
-
-PEERS: dict[str, Callable[[], Step]] = {
-    "fused": lambda: fused_step,
-    "linear_add": lambda: linear_add_step,
-    "addmm_": lambda: addmm_step,
-    "compile": compiled_linear_add_step,
-}
-
-
-@dataclasses.dataclass
-class ChainInputs:
-    xs: list[torch.Tensor]
-    ws: list[torch.Tensor]
-    residual: torch.Tensor
-
-    @classmethod
-    def draw(cls, M, N, K, dtype=torch.bfloat16, layers=28, device="cuda", seed=0):
-        g = torch.Generator(device=device).manual_seed(seed)
-        xs = [torch.randn(M, K, device=device, generator=g).to(dtype) for _ in range(layers)]
-        ws = [
-            (0.02 * torch.randn(N, K, device=device, generator=g)).to(dtype) for _ in range(layers)
-        ]
-        residual = torch.randn(M, N, device=device, generator=g).to(dtype)
-        return cls(xs, ws, residual)
+LAYERS = 28
+REFERENCE_UNFUSED = "unfused"
 
 
 class GraphChain:
-    """``step`` over every layer, ``reps`` times, captured once; ``replay()`` runs it."""
+    """``call(inputs)`` for every input set, ``reps`` times, captured once in a CUDA graph."""
 
-    def __init__(self, step: Step, inputs: ChainInputs, reps: int):
-        self.calls = len(inputs.ws) * reps
-        self._residual = inputs.residual.clone()
-        # Warm up on a side stream (compiles Triton/inductor code, sets up cuBLAS handles).
+    def __init__(self, call: Callable[[dict], Any], input_sets: Sequence[dict], reps: int):
+        self.calls = len(input_sets) * reps
+        # Warm up on a side stream: compiles Triton kernels, sets up cuBLAS handles.
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            self._run(step, inputs, 1)
+            for inputs in input_sets:
+                call(inputs)
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.output = self._run(step, inputs, reps)
+            for _ in range(reps):
+                for inputs in input_sets:
+                    call(inputs)
         torch.cuda.synchronize()
 
-    def _run(self, step, inputs, reps):
-        r = self._residual
-        for _ in range(reps):
-            for x, w in zip(inputs.xs, inputs.ws, strict=True):
-                r = step(x, r, w)
-        return r
-
-    def replay(self) -> None:
-        self.graph.replay()
-
-    def us_per_call(self, rounds: int = 15, replays_per_round: int = 5) -> list[float]:
-        """Event-timed µs per call, one value per round (after two warm-up replays)."""
-        for _ in range(2):
-            self.replay()
-        samples = []
-        for _ in range(rounds):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(replays_per_round):
-                self.replay()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end) * 1e3 / (replays_per_round * self.calls))
-        return samples
+    def time_us(self, replays: int) -> float:
+        """Event-timed µs per call over ``replays`` replays."""
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            self.graph.replay()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) * 1e3 / (replays * self.calls)
 
 
-def median_us_per_call(step: Step, inputs: ChainInputs, reps: int = 4, rounds: int = 15) -> float:
-    return statistics.median(GraphChain(step, inputs, reps).us_per_call(rounds))
+def implementations(fusion: Fusion, ops) -> dict[str, Callable[[dict], Any]]:
+    """The fused step, its unfused ops and its peers, each as ``call(inputs)``."""
+    reads = [r.name for r in external_reads(ops)]
+    impls = {
+        "fused": lambda inputs: call_fused(fusion, ops, inputs),
+        REFERENCE_UNFUSED: lambda inputs: run_unfused(ops, inputs),
+    }
+    for name, peer in fusion.peers.items():
+        impls[name] = lambda inputs, peer=peer: peer(**{n: inputs[n] for n in reads})
+    return impls
 
 
-def floor_us(M: int, N: int, K: int, dtype=torch.bfloat16, bandwidth_tb_s: float = 2.86) -> float:
-    """Bytes that must move (weight + activations + residual in + out) over copy bandwidth."""
-    size = torch.finfo(dtype).bits // 8
-    bytes_moved = size * (N * K + M * K + 2 * M * N)
+@dataclasses.dataclass
+class RatioResult:
+    """fused / reference per round, and each implementation's µs per call per round."""
+
+    fusion: str
+    rows: int
+    us: dict[str, list[float]]
+
+    def ratios(self, reference: str) -> list[float]:
+        return [f / r for f, r in zip(self.us["fused"], self.us[reference], strict=True)]
+
+    def ratio(self, reference: str) -> float:
+        return statistics.median(self.ratios(reference))
+
+    def references(self) -> list[str]:
+        return [name for name in self.us if name != "fused"]
+
+    def median_us(self, name: str) -> float:
+        return statistics.median(self.us[name])
+
+
+def time_fusion(
+    fusion: Fusion,
+    program,
+    config,
+    rows: int,
+    dtype: torch.dtype,
+    *,
+    layers: int = LAYERS,
+    reps: int = 4,
+    rounds: int = 11,
+    replays: int = 3,
+    seed: int = 0,
+    only: Sequence[str] | None = None,
+) -> RatioResult:
+    """Time ``fusion``'s implementations at ``rows`` tokens, interleaved round by round."""
+    ops = span_ops(program, fusion)
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    input_sets = [draw_inputs(ops, config, rows, dtype, "cuda", generator) for _ in range(layers)]
+    impls = implementations(fusion, ops)
+    if only is not None:
+        impls = {name: impls[name] for name in only}
+    chains = {name: GraphChain(call, input_sets, reps) for name, call in impls.items()}
+    for chain in chains.values():
+        chain.time_us(2)  # warm-up replays
+    us: dict[str, list[float]] = {name: [] for name in chains}
+    order = list(chains)
+    for r in range(rounds):
+        # Alternate the order round by round (ABC, CBA, ...): drift within a round cancels.
+        for name in order if r % 2 == 0 else reversed(order):
+            us[name].append(chains[name].time_us(replays))
+    del chains
+    return RatioResult(fusion.name, rows, us)
+
+
+def fused_us_per_call(
+    fusion: Fusion, program, config, rows: int, dtype: torch.dtype, **kwargs
+) -> float:
+    """Median µs per call of the fused step alone (the tuner's figure)."""
+    return time_fusion(fusion, program, config, rows, dtype, only=("fused",), **kwargs).median_us(
+        "fused"
+    )
+
+
+def floor_us(bytes_moved: int, bandwidth_tb_s: float) -> float:
+    """Bytes that must move over a measured bandwidth, in µs."""
     return bytes_moved / (bandwidth_tb_s * 1e12) * 1e6
+
+
+def copy_bandwidth_tb_s(gib: float = 1.0) -> float:
+    """Device-to-device copy bandwidth (bytes read + written per second), median of 10."""
+    n = int(gib * 2**30)
+    src = torch.empty(n, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del src, dst
+    return 2 * n / statistics.median(times) / 1e12

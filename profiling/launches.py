@@ -1,4 +1,5 @@
-"""CUDA kernel launches per decoded token, attributed to marked steps (DESIGN.md D3).
+"""CUDA kernel launches per decoded token, attributed to marked steps (docs/definitions.md,
+"Launch counts"), and the GPU time of each marked step (the time breakdown).
 
 Counting works on the chrome trace that ``torch.profiler`` exports, so the same code runs on a
 GPU run and, in CPU CI, on a trace committed from one (tests/data/). In that trace:
@@ -9,12 +10,13 @@ GPU run and, in CPU CI, on a trace committed from one (tests/data/). In that tra
   ``cudaGraphLaunch``, ``cudaMemcpyAsync``...) or "cuda_driver" (``cuLaunchKernel``,
   ``cuLaunchKernelEx``: Triton and cuBLAS launch through the driver API), same correlation id;
 - the marked steps: ``cat`` "user_annotation" ranges (``record_function``, see
-  profiling/markers.py) on the host thread.
+  kernels/markers.py) on the host thread.
 
 A kernel belongs to every marked range that contains (same pid/tid, by start time) the host
 call that launched it. Only ranges inside a ``decode_step`` range count, so the prefill's
-``o_proj_residual`` ranges never leak into per-token numbers. One decode step decodes one token
-per sequence: at batch 1, "per step" is "per token".
+ranges never leak into per-token numbers. One decode step decodes one token per sequence: at
+batch 1, "per step" is "per token". The engine marks every segment it runs with the name of
+the fusion or op (engine/program.py), so each fusion step and each unfused op is a range.
 
 CUDA-graph mode. Profiling graph replays is unreliable with some CUPTI versions (kernels of a
 replay missing, or reported without a usable correlation), so the primary count is what the
@@ -46,7 +48,6 @@ from pathlib import Path
 from typing import Any
 
 STEP_RANGE = "decode_step"
-O_PROJ_RANGE = "o_proj_residual"
 
 _KERNEL_CATS = {"kernel"}
 _MEMCPY_CATS = {"gpu_memcpy", "memcpy"}
@@ -193,6 +194,7 @@ class Launch:
     kind: str  # "kernel", "memcpy" or "memset"
     count: int
     names: tuple[str, ...]  # kernel names (executed) or the API name (captured)
+    us: float = 0.0  # GPU time of the kernels (executed; 0 for captured launches)
 
 
 class _ThreadIndex:
@@ -243,7 +245,14 @@ def executed_launches(parsed: ParsedTrace) -> list[Launch]:
         if event.correlation in calls:
             grouped[(event.correlation, _device_kind(event))].append(event)
     return [
-        Launch(calls[corr].thread, calls[corr].ts, kind, len(evs), tuple(e.name for e in evs))
+        Launch(
+            calls[corr].thread,
+            calls[corr].ts,
+            kind,
+            len(evs),
+            tuple(e.name for e in evs),
+            sum(e.end - e.ts for e in evs),
+        )
         for (corr, kind), evs in grouped.items()
     ]
 
@@ -284,16 +293,22 @@ class StepCounts:
     memcpy: int
     memset: int
     # range name -> kernels in each instance of that range inside the step, in order
-    # (for ``o_proj_residual``: one entry per layer)
+    # (for a fusion step: one entry per layer)
     ranges: dict[str, list[int]]
+    # range name -> GPU µs of the kernels of each instance (executed kernels only)
+    range_us: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    kernel_us: float = 0.0  # GPU µs of all kernels of the step (executed kernels only)
 
     def __add__(self, other: StepCounts) -> StepCounts:
         names = {*self.ranges, *other.ranges}
+        timed = {*self.range_us, *other.range_us}
         return StepCounts(
             self.kernels + other.kernels,
             self.memcpy + other.memcpy,
             self.memset + other.memset,
             {n: self.ranges.get(n, []) + other.ranges.get(n, []) for n in names},
+            {n: self.range_us.get(n, []) + other.range_us.get(n, []) for n in timed},
+            self.kernel_us + other.kernel_us,
         )
 
 
@@ -329,20 +344,28 @@ class LaunchCounts:
     def memset_per_step(self) -> float:
         return self._mean([s.memset for s in self.steps])
 
-    def range_instances(self, name: str = O_PROJ_RANGE) -> list[int]:
-        """Kernels of every instance of range ``name`` over all steps (one per layer per step)."""
+    def range_instances(self, name: str) -> list[int]:
+        """Kernels of every instance of range ``name`` over all steps (e.g. one per layer)."""
         return [n for s in self.steps for n in s.ranges.get(name, [])]
 
-    def range_per_step(self, name: str = O_PROJ_RANGE) -> float:
+    def range_per_step(self, name: str) -> float:
         """Kernels inside all ``name`` ranges of a step, averaged over steps."""
         return self._mean([sum(s.ranges.get(name, [])) for s in self.steps])
 
-    def range_per_instance(self, name: str = O_PROJ_RANGE) -> float:
-        """Kernels per instance of ``name`` (per layer, for ``o_proj_residual``)."""
+    def range_per_instance(self, name: str) -> float:
+        """Kernels per instance of ``name`` (per layer, for a fusion step)."""
         instances = self.range_instances(name)
         if not instances:
             raise TraceError(f"no {name!r} ranges inside the counted decode steps")
         return self._mean(instances)
+
+    def range_us_per_step(self, name: str) -> float:
+        """GPU µs of the kernels inside all ``name`` ranges of a step (executed kernels)."""
+        return self._mean([sum(s.range_us.get(name, [])) for s in self.steps])
+
+    @property
+    def kernel_us_per_step(self) -> float:
+        return self._mean([s.kernel_us for s in self.steps])
 
     @property
     def uniform(self) -> bool:
@@ -364,17 +387,23 @@ class LaunchCounts:
             "kernels_per_step": self.kernels_per_step,
             "memcpy_per_step": self.memcpy_per_step,
             "memset_per_step": self.memset_per_step,
+            "kernel_us_per_step": self.kernel_us_per_step if self.mode == "eager" else None,
             "ranges": {},
             "replay_kernels_seen": self.replay_kernels_seen,
         }
         for name in sorted({n for s in self.steps for n in s.ranges}):
             instances = self.range_instances(name)
+            if not instances:
+                continue
             out["ranges"][name] = {
                 "per_step": self.range_per_step(name),
                 "instances_per_step": len(instances) / self.num_steps,
-                "per_instance": self.range_per_instance(name) if instances else None,
+                "per_instance": self.range_per_instance(name),
+                "uniform": len(set(instances)) == 1,
                 "kernel_names": self.range_kernel_names.get(name, {}),
             }
+            if self.mode == "eager":
+                out["ranges"][name]["us_per_step"] = self.range_us_per_step(name)
         return out
 
 
@@ -386,17 +415,24 @@ def _count_window(
     names: dict[str, collections.Counter],
 ) -> StepCounts:
     totals = collections.Counter()
+    kernel_us = 0.0
     for launch in launches.within(window):
         totals[launch.kind] += launch.count
+        if launch.kind == "kernel":
+            kernel_us += launch.us
     per_range: dict[str, list[int]] = {name: [] for name in range_names}
+    per_range_us: dict[str, list[float]] = {name: [] for name in range_names}
     for r in ranges.within(window):
         if r.name not in per_range or r.end > window.end:
             continue
         kernels = [launch for launch in launches.within(r) if launch.kind == "kernel"]
         per_range[r.name].append(sum(launch.count for launch in kernels))
+        per_range_us[r.name].append(sum(launch.us for launch in kernels))
         for launch in kernels:
             names[r.name].update(launch.names)
-    return StepCounts(totals["kernel"], totals["memcpy"], totals["memset"], per_range)
+    return StepCounts(
+        totals["kernel"], totals["memcpy"], totals["memset"], per_range, per_range_us, kernel_us
+    )
 
 
 def _overlaps(window: Event, others: list[Event]) -> bool:
@@ -409,7 +445,7 @@ def count_launches(
     trace: str | Path | dict,
     *,
     step: str = STEP_RANGE,
-    ranges: Iterable[str] = (O_PROJ_RANGE,),
+    ranges: Iterable[str] = (),
     strict: bool = True,
 ) -> LaunchCounts:
     """Launch counts per ``step`` range (default ``decode_step``) of a torch.profiler trace.
@@ -432,7 +468,7 @@ def count_launches(
     if not steps:
         raise TraceError(
             f"the trace has no {step!r} ranges (marked ranges found: {parsed.range_names()}): "
-            f"wrap each decode step in profiling.markers.mark({step!r}) and keep markers enabled"
+            f"wrap each decode step in kernels.markers.mark({step!r}) and keep markers enabled"
         )
     range_index = _ThreadIndex(parsed.ranges)
     names: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
@@ -580,7 +616,7 @@ def profile_decode(
     warmup: int = 2,
     trace_path: str | Path | None = None,
     seed: int = 0,
-    ranges: Iterable[str] = (O_PROJ_RANGE,),
+    ranges: Iterable[str] = (),
 ) -> LaunchCounts:
     """Launch counts per decode step of ``runner`` (record_decode_trace, then count_launches).
 

@@ -1,146 +1,103 @@
-"""Decode tokens/s, fused vs unfused, eager vs CUDA graph (DESIGN.md D5).
+"""Decode tokens/s of fusion settings, measured interleaved (docs/definitions.md, "Throughput").
 
-Per repeat: prefill a P-token prompt (not timed), synchronize, start the clock, decode G
-tokens (each step: ``runner.decode`` then greedy argmax, which is how a token is decoded),
-synchronize, stop; the garbage collector is held off meanwhile. tokens/s = batch * G /
-elapsed. The first ``warmup`` repeats are dropped (Triton compilation, cuBLAS heuristics, the
-CUDA-graph capture). The median of the remaining repeats (>= 5) is the figure; all repeats
-are kept so that the spread can set the gate's tolerance (profiling/baselines.py).
+A **variant** is a set of enabled fusions. The suite measures:
 
-Every mode gets a fresh Runner: CUDA graphs are captured per Runner, so a context that changes
-what a step launches (a forced kernel configuration, a monkeypatched step) is captured too.
-Launch counts per token come from profiling/launches.py on yet another fresh Runner.
+- ``default``: the engine's default fusions; ``none``: every step unfused;
+- for each default fusion f: ``default-f`` (the default without f);
+- for each other fusion f (an alternative of a default one): ``alt+f`` (the default without
+  f's alternatives, with f) and ``alt-f`` (the same without f).
+
+Speed-ups pair variants: ``all`` = default / none, and per fusion the variant with it over the
+same without it (its marginal gain where it runs).
+
+Per round: for each variant (in alternating order, ABC then CBA, so that drift cancels in a
+ratio), prefill a P-token prompt (not timed), synchronize, decode G tokens (each step:
+``runner.decode`` then greedy argmax) timed, synchronize. tokens/s = batch * G / elapsed, the
+garbage collector held off. The first ``warmup`` rounds are dropped (compilation, graph
+capture). A speed-up's figure is the median over rounds of that round's ratio; a variant's
+tokens/s the median over rounds. All variants of one batch size share one Runner, whose
+CUDA graphs are captured per flag setting, on the same weights.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import gc
-import os
-import platform
 import statistics
-import subprocess
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
-from pathlib import Path
+from collections.abc import Iterable, Sequence
 
 import torch
 
-from kernels.runtime import INTERPRETING, gpu_name, gpu_slug
-from profiling.launches import O_PROJ_RANGE, LaunchCounts, profile_decode, random_prompt
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-MIN_REPEATS = 5
-SCHEMA = "fusionguard-throughput/1"
+from engine import fusions as registry
+from engine.flags import FusionFlags
+from engine.program import Fusion
 
 
 @dataclasses.dataclass(frozen=True)
-class Mode:
-    """One measured configuration of the decode path."""
+class Variant:
+    name: str
+    fusions: frozenset[str]
 
-    fused: bool
-    cuda_graph: bool
-    batch: int = 1
+    def flags(self) -> FusionFlags:
+        return FusionFlags(self.fusions)
 
-    @property
-    def key(self) -> str:
-        """e.g. "graph-b1": fused and unfused of one key are compared with each other."""
-        return f"{'graph' if self.cuda_graph else 'eager'}-b{self.batch}"
 
-    @property
-    def path(self) -> str:
-        return "fused" if self.fused else "unfused"
+@dataclasses.dataclass(frozen=True)
+class Pairing:
+    """A speed-up: tok/s of ``on`` over tok/s of ``off`` (the same but for ``name``)."""
 
-    def __str__(self) -> str:
-        return f"{self.path} {self.key}"
+    name: str  # "all" or a fusion name
+    on: str
+    off: str
+
+
+def default_fusions(fusions: Iterable[Fusion] | None = None) -> frozenset[str]:
+    fusions = registry.all_fusions() if fusions is None else fusions
+    return frozenset(f.name for f in fusions if f.default)
+
+
+def variants_and_pairings(
+    fusions: Sequence[Fusion] | None = None,
+) -> tuple[list[Variant], list[Pairing]]:
+    """The variants the suite measures and the speed-ups it pairs them into (docstring)."""
+    fusions = registry.all_fusions() if fusions is None else list(fusions)
+    default = default_fusions(fusions)
+    variants = {"default": Variant("default", default), "none": Variant("none", frozenset())}
+    pairings = [Pairing("all", "default", "none")]
+    for f in fusions:
+        if f.name in default:
+            off = Variant(f"default-{f.name}", default - {f.name})
+            variants[off.name] = off
+            pairings.append(Pairing(f.name, "default", off.name))
+        else:
+            base = frozenset(g for g in default if not registry.get(g).conflicts_with(f))
+            on, off = Variant(f"alt+{f.name}", base | {f.name}), Variant(f"alt-{f.name}", base)
+            variants[on.name], variants[off.name] = on, off
+            pairings.append(Pairing(f.name, on.name, off.name))
+    return list(variants.values()), pairings
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
     prompt_len: int = 16
     new_tokens: int = 64
-    repeats: int = MIN_REPEATS
-    warmup: int = 2
-    launch_steps: int = 3  # decode steps profiled for the launch counts
+    rounds: int = 7
+    warmup: int = 1
 
     def __post_init__(self):
-        if self.repeats < MIN_REPEATS:
-            raise ValueError(f"repeats must be >= {MIN_REPEATS} (D5), got {self.repeats}")
+        if self.rounds < 5:
+            raise ValueError(f"rounds must be >= 5 (a median of at least 5), got {self.rounds}")
         if self.warmup < 1:
             raise ValueError(f"warmup must be >= 1 (compilation, graph capture), got {self.warmup}")
-        if self.prompt_len < 1 or self.new_tokens < 1 or self.launch_steps < 1:
+        if self.prompt_len < 1 or self.new_tokens < 1:
             raise ValueError(
-                "prompt_len, new_tokens and launch_steps must be >= 1, got "
-                f"{self.prompt_len}, {self.new_tokens}, {self.launch_steps}"
+                f"prompt_len and new_tokens must be >= 1, got {self.prompt_len}, {self.new_tokens}"
             )
 
     @property
     def max_seq_len(self) -> int:
-        return self.prompt_len + max(self.new_tokens, self.launch_steps + 3) + 1
-
-
-@dataclasses.dataclass
-class ThroughputResult:
-    mode: Mode
-    tokens_per_s: list[float]  # every timed repeat (warm-up dropped)
-    launches: LaunchCounts | None = None
-    launches_error: str | None = None  # why there are no counts (e.g. no CUDA device)
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.tokens_per_s)
-
-    @property
-    def spread(self) -> float:
-        """(max - min) / median over the repeats."""
-        return (max(self.tokens_per_s) - min(self.tokens_per_s)) / self.median
-
-    @property
-    def mad_rel(self) -> float:
-        """Median absolute deviation / median over the repeats."""
-        med = self.median
-        return statistics.median(abs(x - med) for x in self.tokens_per_s) / med
-
-    def to_json(self) -> dict:
-        out = {
-            "tok_s_median": self.median,
-            "tok_s_repeats": self.tokens_per_s,
-            "spread_rel": self.spread,
-            "mad_rel": self.mad_rel,
-            "launches_per_token": None,
-            "o_proj_residual_per_token": None,
-            "o_proj_residual_per_layer": None,
-            "memcpy_per_token": None,
-            "memset_per_token": None,
-        }
-        if self.launches is not None:
-            c = self.launches
-            out.update(
-                launches_per_token=c.kernels_per_step,
-                o_proj_residual_per_token=c.range_per_step(O_PROJ_RANGE),
-                o_proj_residual_per_layer=c.range_per_instance(O_PROJ_RANGE),
-                memcpy_per_token=c.memcpy_per_step,
-                memset_per_token=c.memset_per_step,
-                launch_count_mode=c.mode,
-                launch_counts_uniform=c.uniform,
-                replay_kernels_seen=c.replay_kernels_seen,
-            )
-        else:
-            out["launches_error"] = self.launches_error
-        return out
-
-
-@contextmanager
-def fusion(model, fused: bool) -> Iterator[None]:
-    """Set ``model.flags.fuse_o_proj_residual`` for the block, then restore it."""
-    previous = model.flags.fuse_o_proj_residual
-    model.flags.fuse_o_proj_residual = fused
-    try:
-        yield
-    finally:
-        model.flags.fuse_o_proj_residual = previous
+        return self.prompt_len + self.new_tokens + 8
 
 
 def _sync(device: torch.device) -> None:
@@ -148,171 +105,87 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def make_runner(model, mode: Mode, settings: Settings):
+def random_prompt(vocab_size: int, batch: int, prompt_len: int, device, seed: int = 0):
+    """Token ids [batch, prompt_len], uniform over the vocabulary."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (batch, prompt_len), generator=generator).to(device)
+
+
+def _decode_rate(runner, prompt, new_tokens: int) -> float:
+    token = runner.prefill(prompt).argmax(-1)
+    _sync(runner.device)
+    gc.collect()
+    gc.disable()  # eager decode is host-bound: keep the collector out of the timed steps
+    try:
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            token = runner.decode(token).argmax(-1)
+        _sync(runner.device)
+        elapsed = time.perf_counter() - start
+    finally:
+        gc.enable()
+    return prompt.shape[0] * new_tokens / elapsed
+
+
+def measure_variants(
+    model,
+    variants: Sequence[Variant],
+    batch: int,
+    settings: Settings,
+    *,
+    cuda_graph: bool = True,
+    progress=None,
+) -> dict[str, list[float]]:
+    """tok/s of every variant per timed round (interleaved; see the module docstring)."""
     from engine.runner import Runner
 
-    return Runner(
-        model,
-        max_batch_size=mode.batch,
-        max_seq_len=settings.max_seq_len,
-        cuda_graph=mode.cuda_graph,
+    if cuda_graph and model.device.type != "cuda":
+        raise ValueError(f"CUDA-graph decode needs a CUDA model; the model is on {model.device}")
+    runner = Runner(
+        model, max_batch_size=batch, max_seq_len=settings.max_seq_len, cuda_graph=cuda_graph
     )
-
-
-def time_decode(runner, batch: int, settings: Settings, *, seed: int = 0) -> list[float]:
-    """tokens/s of each repeat after the warm-up ones (see the module docstring)."""
-    prompt = random_prompt(runner, batch, settings.prompt_len, seed)
-    rates = []
-    gc_was_enabled = gc.isenabled()
-    with torch.inference_mode():
-        for repeat in range(settings.warmup + settings.repeats):
-            token = runner.prefill(prompt).argmax(-1)
-            _sync(runner.device)
-            # Eager decode is host-bound: keep the garbage collector out of the timed steps.
-            gc.collect()
-            gc.disable()
-            try:
-                start = time.perf_counter()
-                for _ in range(settings.new_tokens):
-                    token = runner.decode(token).argmax(-1)
-                _sync(runner.device)
-                elapsed = time.perf_counter() - start
-            finally:
-                if gc_was_enabled:
-                    gc.enable()
-            if repeat >= settings.warmup:
-                rates.append(batch * settings.new_tokens / elapsed)
+    prompt = random_prompt(model.config.vocab_size, batch, settings.prompt_len, model.device)
+    saved = model.flags
+    rates: dict[str, list[float]] = {v.name: [] for v in variants}
+    try:
+        with torch.inference_mode():
+            for r in range(settings.warmup + settings.rounds):
+                order = variants if r % 2 == 0 else list(reversed(variants))
+                for v in order:
+                    model.flags = v.flags()
+                    rate = _decode_rate(runner, prompt, settings.new_tokens)
+                    if r >= settings.warmup:
+                        rates[v.name].append(rate)
+                if progress is not None:
+                    progress.update(1)
+    finally:
+        model.flags = saved
     return rates
 
 
-def measure_mode(
-    model, mode: Mode, settings: Settings = Settings(), *, count_launches: bool = True
-) -> ThroughputResult:
-    """Decode tokens/s of one mode, with launch counts per token (on CUDA)."""
-    if mode.cuda_graph and model.device.type != "cuda":
-        raise ValueError(f"mode {mode} needs a CUDA model; the model is on {model.device}")
-    with fusion(model, mode.fused):
-        rates = time_decode(make_runner(model, mode, settings), mode.batch, settings)
-        result = ThroughputResult(mode, rates)
-        if not count_launches:
-            result.launches_error = "not counted"
-        elif model.device.type != "cuda":
-            result.launches_error = "no CUDA device: the profiler sees no kernels"
-        else:
-            result.launches = profile_decode(
-                make_runner(model, mode, settings),
-                settings.launch_steps,
-                batch=mode.batch,
-                prompt_len=settings.prompt_len,
-            )
-    return result
+def speedups(
+    rates: dict[str, list[float]], pairings: Sequence[Pairing]
+) -> dict[str, dict[str, object]]:
+    """Per pairing: the per-round ratios on / off and their median."""
+    out = {}
+    for p in pairings:
+        ratios = [a / b for a, b in zip(rates[p.on], rates[p.off], strict=True)]
+        out[p.name] = {
+            "on": p.on,
+            "off": p.off,
+            "rounds": ratios,
+            "median": statistics.median(ratios),
+        }
+    return out
 
 
-def default_modes(model, batches: Iterable[int] = (1,)) -> list[Mode]:
-    """Fused and unfused; eager, and CUDA graph where the model is on a GPU."""
-    graph_options = (False, True) if model.device.type == "cuda" else (False,)
-    return [
-        Mode(fused, graph, batch)
-        for batch in batches
-        for graph in graph_options
-        for fused in (True, False)
-    ]
+def spread(values: Sequence[float]) -> float:
+    """(max - min) / median."""
+    med = statistics.median(values)
+    return (max(values) - min(values)) / med
 
 
-# --------------------------------------------------------------------------------------------
-# The report: all modes plus where they were measured
-# --------------------------------------------------------------------------------------------
-
-
-def git_commit(root: Path = REPO_ROOT) -> str | None:
-    """HEAD (with -dirty), or FUSIONGUARD_COMMIT where the tree has no .git (a copied tree)."""
-    if os.environ.get("FUSIONGUARD_COMMIT"):
-        return os.environ["FUSIONGUARD_COMMIT"]
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    commit = out.stdout.strip()
-    if out.returncode != 0 or not commit:
-        return None
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=no"],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=10,
-    ).stdout.strip()
-    return commit + ("-dirty" if dirty else "")
-
-
-def config_summary(config) -> dict:
-    """The model dimensions that decide decode cost (compared before any gate)."""
-    fields = (
-        "num_hidden_layers",
-        "hidden_size",
-        "intermediate_size",
-        "num_attention_heads",
-        "num_key_value_heads",
-        "head_dim",
-        "vocab_size",
-    )
-    return {f: getattr(config, f) for f in fields if hasattr(config, f)}
-
-
-def environment() -> dict:
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    return {
-        "gpu": gpu_name(),
-        "gpu_slug": gpu_slug(),
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
-        "python": platform.python_version(),
-        "interpreted": INTERPRETING,
-        "commit": git_commit(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
-def report_json(results: list[ThroughputResult], model, settings: Settings) -> dict:
-    """The throughput JSON: environment, config, settings, and per mode key fused/unfused."""
-    modes: dict[str, dict] = {}
-    for r in results:
-        modes.setdefault(r.mode.key, {"batch": r.mode.batch, "cuda_graph": r.mode.cuda_graph})
-        modes[r.mode.key][r.mode.path] = r.to_json()
-    for entry in modes.values():
-        if "fused" in entry and "unfused" in entry:
-            entry["speedup"] = entry["fused"]["tok_s_median"] / entry["unfused"]["tok_s_median"]
-    return {
-        "schema": SCHEMA,
-        **environment(),
-        "dtype": str(model.dtype).removeprefix("torch."),
-        "config": config_summary(model.config),
-        "settings": dataclasses.asdict(settings),
-        "modes": modes,
-    }
-
-
-def measure_all(
-    model,
-    modes: list[Mode],
-    settings: Settings = Settings(),
-    *,
-    progress=None,
-) -> list[ThroughputResult]:
-    """measure_mode for each mode; ``progress`` (e.g. a tqdm bar) is updated once per mode."""
-    results = []
-    for mode in modes:
-        if progress is not None:
-            progress.set_postfix_str(str(mode))
-        results.append(measure_mode(model, mode, settings))
-        if progress is not None:
-            progress.update(1)
-    return results
+def mad_rel(values: Sequence[float]) -> float:
+    """Median absolute deviation / median."""
+    med = statistics.median(values)
+    return statistics.median(abs(x - med) for x in values) / med

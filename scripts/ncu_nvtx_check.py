@@ -1,17 +1,19 @@
-"""Prove with Nsight Compute that the ``o_proj_residual`` NVTX range holds exactly the kernels
-of that step (DESIGN.md D4): 1 per layer fused (the Triton kernel), 2 unfused (GEMM + add).
+"""Prove with Nsight Compute that each fusion's NVTX range holds exactly that step's kernels:
+``ncu --nvtx --nvtx-include "fusionguard@<fusion>/"`` lists one fused kernel per instance.
 
-For fused and unfused, this runs itself as a child under
+For every registered fusion, this runs itself as a child under
 
-    ncu --nvtx --nvtx-include "fusionguard@o_proj_residual/" \
-        --metrics gpu__time_duration.sum --csv python scripts/ncu_nvtx_check.py --child ...
+    ncu --nvtx --nvtx-include "fusionguard@<fusion>/" --metrics gpu__time_duration.sum --csv \
+        python -m scripts.ncu_nvtx_check --child <fusion> ...
 
-The child builds a small Qwen3 (default architecture, --layers layers), prefills with markers
-switched off (so only decode steps carry NVTX ranges), then decodes --steps tokens eagerly.
-The parent parses ncu's CSV (one row per profiled kernel) and asserts the count per layer and
-step and the kernel names. Needs the ``nvtx`` package (markers are no-ops without it) and ncu.
+The child builds a small Qwen3 (default architecture, --layers layers) with the fusion on (the
+engine's default fusions, or for an alternative the default without its alternatives), prefills
+with markers off (so only decode steps carry NVTX ranges), then decodes --steps tokens eagerly.
+The parent parses ncu's CSV (one row per profiled kernel and metric) and checks the count
+(instances per step x fused kernels x steps) and the kernel names (the fusion's declared
+kernel_names). Needs the ``nvtx`` package (markers are no-ops without it) and ncu.
 
-    python scripts/ncu_nvtx_check.py --out report/ncu   # on the GPU machine, ~35 s
+    python -m scripts.ncu_nvtx_check --out report/ncu     # on a GPU machine, ~1-2 min
 """
 
 from __future__ import annotations
@@ -27,23 +29,24 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-NVTX_FILTER = "fusionguard@o_proj_residual/"
 METRIC = "gpu__time_duration.sum"
-# The fused step is one of these Triton kernels (kernels/fused_attn_output.py).
-FUSED_KERNELS = ("_gemv_residual_kernel", "_gemm_residual_kernel")
+
+
+def _variant(fusion_name: str):
+    from profiling.throughput import variants_and_pairings
+
+    variants, pairings = variants_and_pairings()
+    on = next(p.on for p in pairings if p.name == fusion_name)
+    return next(v for v in variants if v.name == on)
 
 
 def child(args) -> int:
     import torch
 
     import engine
-    import kernels  # noqa: F401  (before engine: compiled Triton)
     from engine.config import default_config
     from engine.runner import Runner
-    from profiling.markers import nvtx_available, set_markers_enabled
+    from kernels.markers import nvtx_available, set_markers_enabled
 
     if not nvtx_available():
         print("the nvtx package is missing: markers emit no NVTX ranges", file=sys.stderr)
@@ -51,11 +54,11 @@ def child(args) -> int:
     model = engine.build(
         default_config().replace(num_hidden_layers=args.layers),
         seed=0,
-        fuse_o_proj_residual=args.child == "fused",
+        flags=_variant(args.child).flags(),
     )
     runner = Runner(model, max_seq_len=args.steps + 16)
     prompt = torch.randint(0, model.config.vocab_size, (1, 8), device=model.device)
-    set_markers_enabled(False)  # the prefill has o_proj_residual steps too: leave them out
+    set_markers_enabled(False)  # the prefill has the same steps: leave them out
     token = runner.prefill(prompt).argmax(-1)
     set_markers_enabled(True)
     for _ in range(args.steps):
@@ -83,80 +86,68 @@ def kernels_of(rows: list[dict]) -> list[str]:
     return [seen[k] for k in sorted(seen, key=int)]
 
 
-def check(path: str, names: list[str], layers: int, steps: int) -> list[str]:
-    """What is wrong with the kernels ncu found in the range (empty: all as expected)."""
-    per_step = 1 if path == "fused" else 2
-    expected = per_step * layers * steps
+def check(fusion, names: list[str], instances: int, steps: int) -> list[str]:
+    """What is wrong with the kernels ncu found in the fusion's range (empty: as declared)."""
+    expected = fusion.fused_kernels * instances * steps
     problems = []
     if len(names) != expected:
         problems.append(
-            f"{path}: {len(names)} kernels in {NVTX_FILTER}, expected {per_step} per layer x "
-            f"{layers} layers x {steps} steps = {expected}"
+            f"{fusion.name}: {len(names)} kernels in its range, expected {fusion.fused_kernels} "
+            f"per instance x {instances} instances x {steps} steps = {expected}"
         )
-    if path == "fused":
-        wrong = [n for n in names if not n.startswith(FUSED_KERNELS)]
-        if wrong:
-            problems.append(f"fused: kernels other than {FUSED_KERNELS}: {sorted(set(wrong))}")
-    else:
-        adds = [n for n in names if "add" in n.lower()]
-        if len(adds) != layers * steps:
-            problems.append(
-                f"unfused: {len(adds)} add kernels, expected one per layer and step "
-                f"({layers * steps}); kernels: {sorted(set(names))}"
-            )
-        if any(n.startswith(FUSED_KERNELS) for n in names):
-            problems.append("unfused: the fused Triton kernel ran inside the range")
+    wrong = sorted({n for n in names if not n.startswith(fusion.kernel_names)})
+    if wrong:
+        problems.append(f"{fusion.name}: kernels other than {fusion.kernel_names}: {wrong}")
     return problems
 
 
 def parent(args) -> int:
+    import torch
+
+    from engine import fusions as registry
+    from engine.config import default_config
+    from engine.program import span_instances
+    from engine.qwen3 import Qwen3ForCausalLM
+
     ncu = shutil.which("ncu")
     if ncu is None:
         print("ncu (Nsight Compute) is not on PATH", file=sys.stderr)
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    with torch.device("meta"):  # the program's structure only: no weights
+        program = Qwen3ForCausalLM(
+            default_config().replace(num_hidden_layers=args.layers)
+        ).program()
     summary, problems = {}, []
-    for path in ("fused", "unfused"):
+    for fusion in registry.all_fusions():
+        nvtx_filter = f"fusionguard@{fusion.name}/"
         cmd = [
-            ncu,
-            "--nvtx",
-            "--nvtx-include",
-            NVTX_FILTER,
-            "--metrics",
-            METRIC,
-            "--csv",
-            sys.executable,
-            str(Path(__file__).resolve()),
-            "--child",
-            path,
-            "--layers",
-            str(args.layers),
-            "--steps",
-            str(args.steps),
-        ]
+            ncu, "--nvtx", "--nvtx-include", nvtx_filter, "--metrics", METRIC, "--csv",
+            sys.executable, "-m", "scripts.ncu_nvtx_check", "--child", fusion.name,
+            "--layers", str(args.layers), "--steps", str(args.steps),
+        ]  # fmt: skip
         print("+", " ".join(cmd), flush=True)
         run = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
-        (out / f"ncu_{path}.csv").write_text(run.stdout)
-        (out / f"ncu_{path}.log").write_text(run.stderr)
+        (out / f"ncu_{fusion.name}.csv").write_text(run.stdout)
+        (out / f"ncu_{fusion.name}.log").write_text(run.stderr)
         if run.returncode != 0:
             print(run.stdout[-3000:], run.stderr[-3000:], sep="\n", file=sys.stderr)
-            problems.append(f"{path}: ncu exited {run.returncode}")
+            problems.append(f"{fusion.name}: ncu exited {run.returncode}")
             continue
         names = kernels_of(parse_ncu_csv(run.stdout))
-        summary[path] = {
+        instances = len(span_instances(program, fusion))
+        summary[fusion.name] = {
+            "filter": nvtx_filter,
             "kernels_in_range": len(names),
-            "per_layer_per_step": len(names) / (args.layers * args.steps),
+            "per_instance_per_step": len(names) / (instances * args.steps),
             "names": dict(collections.Counter(names)),
         }
-        print(
-            f"{path}: {len(names)} kernels in {NVTX_FILTER} "
-            f"({len(names) / (args.layers * args.steps):g} per layer and step)"
-        )
+        print(f"{fusion.name}: {len(names)} kernels in {nvtx_filter}")
         for name, n in collections.Counter(names).items():
             print(f"    {n} x {name[:110]}")
-        problems += check(path, names, args.layers, args.steps)
-    summary.update(layers=args.layers, steps=args.steps, filter=NVTX_FILTER, problems=problems)
+        problems += check(fusion, names, instances, args.steps)
+    summary.update(layers=args.layers, steps=args.steps, problems=problems)
     (out / "ncu_nvtx_check.json").write_text(json.dumps(summary, indent=2) + "\n")
     for p in problems:
         print("FAIL:", p)
@@ -166,7 +157,7 @@ def parent(args) -> int:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--child", choices=("fused", "unfused"), help=argparse.SUPPRESS)
+    p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--out", default="report/ncu", help="folder for ncu's CSV and the summary")

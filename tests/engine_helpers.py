@@ -111,11 +111,12 @@ def assert_greedy_equal(tokens, ref_logits, *, margin: float, what: str):
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Small-op bound (D2 in spirit): the kernel's error vs float64 may exceed the torch
+# Small-op bound (the numerics rule of docs/definitions.md in spirit): the kernel's error vs
+# float64 may exceed the torch
 # reference's error in the same dtype by at most this many ulps of the output dtype. The ops
 # round intermediates as transformers does (2-3 roundings), and the interpreter truncates where
-# the GPU rounds to nearest (GPU.md): each rounding may land one ulp apart. fp32 results are
-# held to 16 ulps (~1e-6 relative, far inside D2's 1e-3): on the GPU, exp and sqrt are the
+# the GPU rounds to nearest: each rounding may land one ulp apart. fp32 results are
+# held to 16 ulps (~1e-6 relative, far inside the plan's 1e-3): on the GPU, exp and sqrt are the
 # fast approximate instructions, a few ulps each.
 SMALL_OP_ULPS = 3
 FP32_ULPS = 16

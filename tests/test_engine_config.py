@@ -92,3 +92,117 @@ def test_invalid_configs_name_the_field(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         Qwen3Config.from_hf_json(tmp_path)
+
+
+# --- User input errors: each names the field and starts with the source ---------------------
+
+INT_FIELDS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "intermediate_size",
+    "vocab_size",
+    "max_position_embeddings",
+)
+
+
+def _default_raw() -> dict:
+    return json.loads(DEFAULT_CONFIG_PATH.read_text())
+
+
+def _error(raw) -> ValueError:
+    with pytest.raises(ValueError) as excinfo:
+        Qwen3Config.from_hf_json(raw)
+    return excinfo.value
+
+
+@pytest.mark.parametrize("value", [None, 0], ids=["null", "zero"])
+def test_kv_heads_null_or_zero_is_an_error_not_the_head_count(value):
+    err = _error({**_default_raw(), "num_key_value_heads": value})
+    assert str(err).startswith("<dict>: num_key_value_heads must be a positive integer"), err
+
+
+def test_absent_optional_integers_take_transformers_defaults():
+    raw = _default_raw()
+    for name in ("num_key_value_heads", "head_dim", "max_position_embeddings"):
+        del raw[name]
+    c = Qwen3Config.from_hf_json(raw)
+    assert c.num_key_value_heads == c.num_attention_heads == 16
+    assert c.head_dim == 1024 // 16 and c.max_position_embeddings == 32768
+
+
+@pytest.mark.parametrize("field", INT_FIELDS)
+@pytest.mark.parametrize("value", [None, 0, -8, 8.0, True, "8"])
+def test_present_integer_fields_must_be_positive_integers(field, value):
+    err = _error({**_default_raw(), field: value})
+    assert not isinstance(err, UnsupportedConfigError)
+    assert str(err).startswith(f"<dict>: {field} must be a positive integer, got "), err
+
+
+@pytest.mark.parametrize("field", ["tie_word_embeddings", "attention_bias", "use_sliding_window"])
+@pytest.mark.parametrize("value", ["false", "true", 0, 1, None])
+def test_booleans_must_be_json_booleans(field, value):
+    err = _error({**_default_raw(), field: value})
+    # not UnsupportedConfigError: a truthy string must not read as true
+    assert not isinstance(err, UnsupportedConfigError)
+    assert str(err).startswith(f"<dict>: {field} must be a JSON boolean (true or false)"), err
+
+
+def test_tie_word_embeddings_false_string_is_not_true(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**_default_raw(), "tie_word_embeddings": "false"}))
+    with pytest.raises(ValueError, match=r'tie_word_embeddings .*got "false"') as excinfo:
+        Qwen3Config.from_hf_json(path)
+    assert str(excinfo.value).startswith(f"{path}: ")
+    untied = Qwen3Config.from_hf_json({**_default_raw(), "tie_word_embeddings": False})
+    assert untied.tie_word_embeddings is False
+
+
+@pytest.mark.parametrize(
+    "field", ["rope_theta", "rms_norm_eps", "rope_parameters.rope_theta"], ids=str
+)
+@pytest.mark.parametrize(
+    "value", [0, -1.0, float("inf"), float("nan"), None, "1e6", True], ids=repr
+)
+def test_rope_theta_and_eps_must_be_finite_positive_numbers(field, value):
+    raw = _default_raw()
+    if field == "rope_parameters.rope_theta":  # the transformers 5 spelling
+        raw["rope_parameters"] = {"rope_type": "default", "rope_theta": value}
+    else:
+        raw[field] = value
+    err = _error(raw)
+    assert str(err).startswith(f"<dict>: {field} must be a finite number > 0, got "), err
+
+
+def test_integer_rope_theta_is_a_number():
+    assert Qwen3Config.from_hf_json({**_default_raw(), "rope_theta": 500000}).rope_theta == 5e5
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", "null", '"qwen3"', "3"])
+def test_config_file_must_hold_a_json_object(tmp_path, text):
+    path = tmp_path / "config.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match="must hold a JSON object") as excinfo:
+        Qwen3Config.from_hf_json(path)
+    assert str(excinfo.value).startswith(f"{path}: ")
+
+
+def test_rope_parameters_must_be_an_object():
+    err = _error({**_default_raw(), "rope_parameters": [1000000]})
+    assert str(err).startswith("<dict>: rope_parameters must be a JSON object"), err
+
+
+def test_missing_file_message_starts_with_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError) as excinfo:
+        Qwen3Config.from_hf_json(tmp_path / "nope.json")
+    assert str(excinfo.value).startswith(f"{tmp_path / 'nope.json'}: config file not found")
+
+
+def test_replace_checks_the_new_values():
+    """A config built in Python is held to the same rules as one read from JSON."""
+    with pytest.raises(ValueError, match="rope_theta must be a finite number > 0"):
+        engine.default_config().replace(rope_theta=0.0)
+    with pytest.raises(ValueError, match="tie_word_embeddings must be a JSON boolean"):
+        engine.default_config().replace(tie_word_embeddings="false")

@@ -1,6 +1,8 @@
-"""Launch counts per decoded token (D3): the counter, on synthetic and real traces (CPU), and
-the exact counts of the engine (GPU): o_proj_residual 2 kernels per layer unfused, 1 fused,
-and a whole token differing by exactly L = num_hidden_layers, eager and CUDA graph."""
+"""Launch counts per decoded token: the counter on synthetic traces shaped like the engine's
+segments and on real traces captured on a GPU (CPU), and the exact counts of the engine (GPU).
+Every expectation comes from the program and the fusion registry: each fused step one kernel
+per instance, each unfused op one, and a token saving instances x (unfused - fused) per fusion,
+eager and CUDA graph."""
 
 from __future__ import annotations
 
@@ -12,18 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from profiling.launches import (
-    O_PROJ_RANGE,
-    STEP_RANGE,
-    TraceError,
-    count_launches,
-    profile_decode,
-)
-from profiling.markers import mark
+from kernels.markers import mark
+from profiling.launches import STEP_RANGE, TraceError, count_launches, profile_decode
 
 DATA = Path(__file__).parent / "data"
-COUNTS_FILE = DATA / "decode_trace_counts.json"
-OTHER_KERNELS_PER_LAYER = 3  # synthetic: norm, GEMM, attention around the step
+INDEX_FILE = DATA / "decode_traces.json"
 
 
 # --------------------------------------------------------------------------------------------
@@ -103,60 +98,86 @@ class TraceBuilder:
         return {"schemaVersion": 1, "traceEvents": self.events}
 
 
-def _layer(b: TraceBuilder, i: int, fused: bool, execute=True, extra_in_step=0):
-    with b.range(f"layer.{i}"):
-        for k in range(OTHER_KERNELS_PER_LAYER):
-            b.launch(f"other_{k}", execute=execute)
-        with b.range(O_PROJ_RANGE):
-            if fused:
+def _kernel_name(seg) -> str:
+    return seg.fusion.kernel_names[0] if seg.fusion is not None else f"{seg.name}_kernel"
+
+
+def _segments(b: TraceBuilder, segments, *, execute=True, extra: dict | None = None):
+    """What the engine does in one forward: every segment a range launching one kernel, in
+    ``layer.{i}`` ranges (``extra``: per segment name, kernels planted per instance)."""
+    extra = extra or {}
+    for layer, group in itertools.groupby(segments, key=lambda seg: seg.layer):
+        outer = b.range(f"layer.{layer}") if layer is not None else None
+        if outer is not None:
+            outer.__enter__()
+        for seg in group:
+            with b.range(seg.name):
                 b.launch(
-                    "_gemv_residual_kernel",
-                    api="cuLaunchKernelEx",
-                    cat="cuda_driver",
-                    execute=execute,
+                    _kernel_name(seg), api="cuLaunchKernelEx", cat="cuda_driver", execute=execute
                 )
-            else:
-                b.launch("nvjet_gemm", api="cuLaunchKernelEx", cat="cuda_driver", execute=execute)
-                b.launch("vectorized_elementwise_kernel<CUDAFunctor_add>", execute=execute)
-            for _ in range(extra_in_step):
-                b.launch("planted_extra", execute=execute)
+                for _ in range(extra.get(seg.name, 0)):
+                    b.launch("planted_extra", execute=execute)
+        if outer is not None:
+            outer.__exit__(None, None, None)
 
 
-def eager_trace(layers: int, steps: int, fused: bool, *, prefill=True, extra_in_step=0) -> dict:
+def eager_trace(model, steps: int, *, prefill=True, extra=None) -> dict:
     b = TraceBuilder()
-    if prefill:  # prefill o_proj ranges, outside any decode step: must not be counted
-        for i in range(layers):
-            _layer(b, i, fused)
+    segments = model.segments()
+    if prefill:  # the prefill runs the same ranges, outside any decode step: not counted
+        _segments(b, segments)
     for _ in range(steps):
         with b.range(STEP_RANGE):
-            for i in range(layers):
-                _layer(b, i, fused, extra_in_step=extra_in_step)
+            _segments(b, segments, extra=extra)
             corr = b.api("cudaMemcpyAsync")
             b.device(corr, "Memcpy DtoD (Device -> Device)", cat="gpu_memcpy")
         b.launch("argmax")  # sampling outside the step
     return b.trace()
 
 
-def graph_trace(layers: int, replays: int, fused: bool, *, report_replays=True) -> dict:
+def graph_trace(model, replays: int, *, report_replays=True) -> dict:
     """The engine's first graph step: eager warm-up, then capture; then replays."""
     b = TraceBuilder()
+    segments = model.segments()
     with b.range(STEP_RANGE):
-        for i in range(layers):  # warm-up step, executed
-            _layer(b, i, fused)
+        _segments(b, segments)  # warm-up step, executed
         b.api("cudaStreamBeginCapture_v10000")
-        for i in range(layers):  # captured: launch calls, nothing runs
-            _layer(b, i, fused, execute=False)
+        _segments(b, segments, execute=False)  # captured: launch calls, nothing runs
         b.api("cudaStreamEndCapture")
         b.api("cudaGraphInstantiateWithFlags")
-    held = layers * (OTHER_KERNELS_PER_LAYER + (1 if fused else 2))
     for _ in range(replays):
         with b.range(STEP_RANGE):
             b.device(b.api("cudaMemcpyAsync"), "Memcpy HtoD", cat="gpu_memcpy")
             corr = b.api("cudaGraphLaunch")
             if report_replays:
-                for k in range(held):
+                for k in range(len(segments)):
                     b.device(corr, f"graph_kernel_{k}")
     return b.trace()
+
+
+@pytest.fixture(scope="module")
+def model():
+    from gate_helpers import small_model
+
+    return small_model(layers=3)
+
+
+def _with_flags(model, spec):
+    import engine
+
+    model.flags = engine.FusionFlags.parse(spec)
+    return model
+
+
+def _expected(model, spec) -> dict[str, tuple[int, int]]:
+    """From the program and the registry, not from a count: per segment name, (instances
+    per step, kernels per instance)."""
+    _with_flags(model, spec)
+    out: dict[str, list[int]] = {}
+    for seg in model.segments():
+        kernels = seg.fusion.fused_kernels if seg.fusion is not None else seg.ops[0].op.kernels
+        out.setdefault(seg.name, []).append(kernels)
+    return {name: (len(k), k[0]) for name, k in out.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -164,50 +185,78 @@ def graph_trace(layers: int, replays: int, fused: bool, *, report_replays=True) 
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("layers", [2, 5])
 @pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
-def test_fused_takes_one_kernel_per_layer_and_token_differs_by_layers(layers, graph):
+@pytest.mark.parametrize("spec", ["default", "none", "o_proj_residual,add_rms_norm"])
+def test_every_segment_counted_as_the_program_says(model, spec, graph):
+    from profiling.measure import segment_names
+
     steps = 3
-    make = graph_trace if graph else eager_trace
-    fused = count_launches(make(layers, steps, True))
-    unfused = count_launches(make(layers, steps, False))
-    for counts in (fused, unfused):
-        assert counts.mode == ("graph" if graph else "eager")
-        assert counts.num_steps == steps
-        assert counts.uniform
-        assert len(counts.range_instances()) == layers * steps
-    assert fused.range_instances() == [1] * (layers * steps)
-    assert unfused.range_instances() == [2] * (layers * steps)
-    assert unfused.kernels_per_step - fused.kernels_per_step == layers
-    assert fused.kernels_per_step == layers * (OTHER_KERNELS_PER_LAYER + 1)
-    assert fused.memcpy_per_step == unfused.memcpy_per_step == 1
+    _with_flags(model, spec)
+    trace = graph_trace(model, steps) if graph else eager_trace(model, steps)
+    counts = count_launches(trace, ranges=segment_names(model))
+    assert counts.mode == ("graph" if graph else "eager")
+    assert counts.num_steps == steps and counts.uniform
+    expected = _expected(model, spec)
+    for name, (instances, per_instance) in expected.items():
+        assert counts.range_instances(name) == [per_instance] * (instances * steps), name
+    assert counts.kernels_per_step == sum(n * k for n, k in expected.values())
+    assert counts.memcpy_per_step == 1
     if graph:
-        assert fused.replay_matches and unfused.replay_matches
+        assert counts.replay_matches
 
 
-def test_planted_extra_kernel_in_the_step_is_counted():
-    base = count_launches(eager_trace(4, 2, True))
-    planted = count_launches(eager_trace(4, 2, True, extra_in_step=1))
-    assert planted.range_per_instance() == base.range_per_instance() + 1
-    assert planted.kernels_per_step == base.kernels_per_step + 4
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
+def test_fusions_save_exactly_what_the_registry_says(model, graph):
+    from profiling.baselines import expected_delta
+    from profiling.measure import model_summary, segment_names
+
+    def total(spec):
+        _with_flags(model, spec)
+        trace = graph_trace(model, 2) if graph else eager_trace(model, 2)
+        return count_launches(trace, ranges=segment_names(model)).kernels_per_step
+
+    info = model_summary(model)
+    none = total("none")
+    for spec in ("default", "o_proj_residual", "add_rms_norm,norm_gate_up_silu"):
+        fusions = _with_flags(model, spec).flags.enabled
+        assert none - total(spec) == expected_delta(info, fusions), spec
+    layers = model.config.num_hidden_layers
+    assert expected_delta(info, ["o_proj_residual"]) == layers  # 2 kernels -> 1, per layer
+    assert expected_delta(info, ["norm_gate_up_silu"]) == 2 * layers  # 3 -> 1
 
 
-def test_prefill_and_sampling_outside_decode_steps_are_not_counted():
-    with_prefill = count_launches(eager_trace(3, 2, False, prefill=True))
-    without = count_launches(eager_trace(3, 2, False, prefill=False))
+def test_planted_extra_kernel_in_a_step_is_counted(model):
+    from profiling.measure import segment_names
+
+    _with_flags(model, "default")
+    names = segment_names(model)
+    base = count_launches(eager_trace(model, 2), ranges=names)
+    planted = count_launches(eager_trace(model, 2, extra={"o_proj_residual": 1}), ranges=names)
+    layers = model.config.num_hidden_layers
+    assert planted.range_per_instance("o_proj_residual") == 2
+    assert planted.kernels_per_step == base.kernels_per_step + layers
+
+
+def test_prefill_and_sampling_outside_decode_steps_are_not_counted(model):
+    from profiling.measure import segment_names
+
+    _with_flags(model, "none")
+    names = segment_names(model)
+    with_prefill = count_launches(eager_trace(model, 2, prefill=True), ranges=names)
+    without = count_launches(eager_trace(model, 2, prefill=False), ranges=names)
     assert with_prefill.to_json() == without.to_json()
 
 
 def test_launch_on_another_thread_is_not_attributed_to_the_range():
     b = TraceBuilder()
-    with b.range(STEP_RANGE), b.range(O_PROJ_RANGE):
+    with b.range(STEP_RANGE), b.range("o_proj_residual"):
         b.launch("ours")
         corr = b.api("cudaLaunchKernel", tid=999)  # same time, other thread
         b.device(corr, "theirs")
-    counts = count_launches(b.trace())
-    assert counts.range_instances() == [1]
+    counts = count_launches(b.trace(), ranges=["o_proj_residual"])
+    assert counts.range_instances("o_proj_residual") == [1]
     assert counts.kernels_per_step == 1
-    assert counts.range_kernel_names[O_PROJ_RANGE] == {"ours": 1}
+    assert counts.range_kernel_names["o_proj_residual"] == {"ours": 1}
 
 
 def test_memcpy_and_memset_are_listed_apart_from_kernels():
@@ -242,16 +291,18 @@ def test_lost_kernel_events_raise_instead_of_undercounting():
     assert count_launches(b.trace(), strict=False).kernels_per_step == 1
 
 
-def test_graph_counts_from_capture_when_replays_are_not_reported():
-    counts = count_launches(graph_trace(3, 2, True, report_replays=False))
+def test_graph_counts_from_capture_when_replays_are_not_reported(model):
+    _with_flags(model, "default")
+    counts = count_launches(graph_trace(model, 2, report_replays=False), ranges=["o_proj_residual"])
     assert counts.mode == "graph"
     assert counts.replay_kernels_seen is None and counts.replay_matches is None
-    assert counts.range_instances() == [1] * 6
-    assert counts.kernels_per_step == 3 * (OTHER_KERNELS_PER_LAYER + 1)
+    assert counts.range_instances("o_proj_residual") == [1] * (2 * model.config.num_hidden_layers)
+    assert counts.kernels_per_step == len(model.segments())
 
 
-def test_graph_replay_that_disagrees_with_the_capture_is_visible():
-    trace = graph_trace(2, 2, True)
+def test_graph_replay_that_disagrees_with_the_capture_is_visible(model):
+    _with_flags(model, "default")
+    trace = graph_trace(model, 2)
     # Drop one kernel of the last replay: the cross-check must notice.
     kernels = [e for e in trace["traceEvents"] if e["name"].startswith("graph_kernel")]
     trace["traceEvents"].remove(kernels[-1])
@@ -259,8 +310,9 @@ def test_graph_replay_that_disagrees_with_the_capture_is_visible():
     assert counts.replay_matches is False
 
 
-def test_graph_replays_without_capture_are_an_error():
-    trace = graph_trace(2, 2, True)
+def test_graph_replays_without_capture_are_an_error(model):
+    _with_flags(model, "default")
+    trace = graph_trace(model, 2)
     trace["traceEvents"] = [e for e in trace["traceEvents"] if "Capture" not in e["name"]]
     with pytest.raises(TraceError, match="captured before profiling"):
         count_launches(trace)
@@ -278,7 +330,7 @@ def test_cpu_profiler_trace_has_no_cuda_events(tmp_path):
     """A real trace from this machine's profiler (no GPU): a clear error, not zero counts."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof, mark(STEP_RANGE), mark(O_PROJ_RANGE):
+    with profile(activities=[ProfilerActivity.CPU]) as prof, mark(STEP_RANGE), mark("o_proj"):
         torch.randn(8, 8) @ torch.randn(8, 8)
     path = tmp_path / "cpu.json"
     prof.export_chrome_trace(str(path))
@@ -286,8 +338,8 @@ def test_cpu_profiler_trace_has_no_cuda_events(tmp_path):
         count_launches(path)
 
 
-def test_files_gz_and_bad_inputs(tmp_path):
-    trace = eager_trace(2, 2, True)
+def test_files_gz_and_bad_inputs(model, tmp_path):
+    trace = eager_trace(_with_flags(model, "default"), 2)
     plain, packed = tmp_path / "t.json", tmp_path / "t.json.gz"
     plain.write_text(json.dumps(trace))
     with gzip.open(packed, "wt") as f:
@@ -303,43 +355,57 @@ def test_files_gz_and_bad_inputs(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# CPU: the counter on real traces captured on a GPU (scripts/gpu_capture_trace.py)
+# CPU: the counter on real traces captured on a GPU (python -m scripts.capture_traces)
 # --------------------------------------------------------------------------------------------
 
 
-def _real_trace(name: str) -> Path:
-    path = DATA / f"{name}.json.gz"
-    if not path.exists() or not COUNTS_FILE.exists():
+def _real_traces() -> dict:
+    if not INDEX_FILE.exists():
         pytest.skip(
-            f"{path.name} not committed yet: on a GPU run "
-            "`python scripts/gpu_capture_trace.py --out tests/data` and commit tests/data/"
+            "no GPU traces committed: on a GPU run `python -m scripts.capture_traces --out "
+            "tests/data` and commit tests/data/"
         )
-    return path
+    return json.loads(INDEX_FILE.read_text())
 
 
 @pytest.mark.parametrize("mode", ["eager", "graph"])
 def test_counter_on_real_gpu_traces(mode):
-    fused_path = _real_trace(f"decode_trace_{mode}_fused")
-    unfused_path = _real_trace(f"decode_trace_{mode}_unfused")
-    recorded = json.loads(COUNTS_FILE.read_text())
-    layers = recorded["num_hidden_layers"]  # from the config the GPU run used
-    fused, unfused = count_launches(fused_path), count_launches(unfused_path)
-    for counts in (fused, unfused):
-        assert counts.mode == mode
-        assert counts.num_steps == recorded["steps"]
-        assert counts.uniform
-    assert fused.range_instances() == [1] * (layers * recorded["steps"])
-    assert unfused.range_instances() == [2] * (layers * recorded["steps"])
-    assert unfused.kernels_per_step - fused.kernels_per_step == layers
-    if mode == "eager":
-        names = fused.range_kernel_names[O_PROJ_RANGE]
-        assert set(names) <= {"_gemv_residual_kernel", "_gemm_residual_kernel"}, names
-        assert any("add" in n.lower() for n in unfused.range_kernel_names[O_PROJ_RANGE])
-    else:
-        assert fused.replay_matches in (True, None) and unfused.replay_matches in (True, None)
-    # This machine's torch reads the trace as the GPU machine's did.
-    assert fused.to_json() == recorded["traces"][fused_path.name]
-    assert unfused.to_json() == recorded["traces"][unfused_path.name]
+    """Expectations from the config the GPU run used and the registry, not from its counts."""
+    import engine
+    from engine.config import default_config
+    from profiling.baselines import expected_delta
+    from profiling.measure import model_summary, segment_names
+
+    index = _real_traces()
+    from engine.qwen3 import Qwen3ForCausalLM
+
+    with torch.device("meta"):  # the program's structure only: no weights
+        model = Qwen3ForCausalLM(
+            default_config().replace(num_hidden_layers=index["num_hidden_layers"])
+        )
+    counts = {}
+    for name, meta in index["traces"].items():
+        if meta["mode"] != mode:
+            continue
+        model.flags = engine.FusionFlags(meta["fusions"])
+        c = count_launches(DATA / name, ranges=segment_names(model))
+        assert c.mode == mode and c.uniform and c.num_steps == index["steps"]
+        for seg_name, (instances, per_instance) in _expected(
+            model, ",".join(meta["fusions"]) or "none"
+        ).items():
+            assert c.range_instances(seg_name) == [per_instance] * (instances * index["steps"]), (
+                name,
+                seg_name,
+            )
+        if mode == "eager":
+            for f in model.flags.fusions():
+                assert set(c.range_kernel_names[f.name]) <= set(f.kernel_names), f.name
+        else:
+            assert c.replay_matches in (True, None)
+        counts[meta["variant"]] = (c, meta["fusions"])
+    (default, fusions), (none, _) = counts["default"], counts["none"]
+    saved = none.kernels_per_step - default.kernels_per_step
+    assert saved == expected_delta(model_summary(model), fusions)
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,29 +427,25 @@ def layered_model(request):
 @pytest.mark.gpu
 @pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
 def test_engine_launch_counts_are_exact(layered_model, graph):
+    import engine
     from engine.runner import Runner
-    from profiling.throughput import fusion
+    from profiling.baselines import expected_delta
+    from profiling.measure import model_summary, segment_names
 
-    layers = layered_model.config.num_hidden_layers
-    steps = 3
-    counts = {}
-    for fused in (True, False):
-        with fusion(layered_model, fused):
-            runner = Runner(layered_model, max_seq_len=32, cuda_graph=graph)
-            counts[fused] = profile_decode(runner, steps)
-    fused, unfused = counts[True], counts[False]
-    print(
-        f"\n{layers} layers, {'graph' if graph else 'eager'}: "
-        f"{unfused.kernels_per_step:g} -> {fused.kernels_per_step:g} kernels/token, "
-        f"o_proj_residual {unfused.range_per_step():g} -> {fused.range_per_step():g}, "
-        f"replays seen {unfused.replay_kernels_seen} / {fused.replay_kernels_seen}"
-    )
-    for c in (fused, unfused):
-        assert c.mode == ("graph" if graph else "eager")
-        assert c.uniform
-    assert fused.range_instances() == [1] * (layers * steps)
-    assert unfused.range_instances() == [2] * (layers * steps)
-    assert unfused.range_per_step() == 2 * layers and fused.range_per_step() == layers
-    assert unfused.kernels_per_step - fused.kernels_per_step == layers
-    if graph:
-        assert fused.replay_matches in (True, None) and unfused.replay_matches in (True, None)
+    model, steps = layered_model, 3
+    info = model_summary(model)
+    totals = {}
+    for spec in ("default", "none", "o_proj_residual,add_rms_norm,norm_gate_up_silu"):
+        model.flags = engine.FusionFlags.parse(spec)
+        runner = Runner(model, max_seq_len=32, cuda_graph=graph)
+        counts = profile_decode(runner, steps, ranges=segment_names(model))
+        assert counts.uniform
+        for name, (instances, per_instance) in _expected(model, spec).items():
+            assert counts.range_instances(name) == [per_instance] * (instances * steps), name
+        if graph:
+            assert counts.replay_matches in (True, None)
+        totals[spec] = (counts.kernels_per_step, model.flags.enabled)
+        print(f"\n{model.config.num_hidden_layers} layers, {spec}: {counts.kernels_per_step:g}")
+    for spec, (kernels, fusions) in totals.items():
+        assert totals["none"][0] - kernels == expected_delta(info, fusions), spec
+    model.flags = engine.FusionFlags.default()

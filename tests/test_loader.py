@@ -9,8 +9,10 @@ import pytest
 import safetensors.torch
 import torch
 from engine_helpers import hf_qwen3, save_hf_checkpoint, small_config
+from safetensors import SafetensorError
 
 import engine
+import engine.loader
 from engine.loader import CheckpointError
 
 
@@ -165,3 +167,82 @@ def test_random_init_is_seeded():
         else:
             assert not torch.equal(pa, pc), name
             assert abs(pa.std().item() - 0.02) < 0.005, name
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_corrupt_safetensors_names_the_file(checkpoint, damage):
+    path = checkpoint / "model.safetensors"
+    data = path.read_bytes()
+    damaged = {"truncated": data[: len(data) // 2], "garbage": b"not safetensors " * 64}
+    path.write_bytes(damaged.get(damage, b""))
+    with pytest.raises(CheckpointError, match="not a readable safetensors file") as excinfo:
+        _build(checkpoint)
+    assert str(excinfo.value).startswith(f"{path}: ")
+
+
+def test_unreadable_tensor_names_file_and_tensor(checkpoint, monkeypatch):
+    """safetensors' own error from get_tensor (e.g. a file changed under the mmap) is wrapped."""
+    real_open = engine.loader.safe_open
+    victim = "model.layers.1.mlp.gate_proj.weight"
+
+    class Failing:
+        def __init__(self, *args, **kwargs):
+            self._f = real_open(*args, **kwargs)
+
+        def __enter__(self):
+            self._f.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self._f.__exit__(*exc)
+
+        def keys(self):
+            return self._f.keys()
+
+        def get_tensor(self, name):
+            if name == victim:
+                raise SafetensorError("Error while deserializing: boom")
+            return self._f.get_tensor(name)
+
+    monkeypatch.setattr(engine.loader, "safe_open", Failing)
+    path = checkpoint / "model.safetensors"
+    with pytest.raises(CheckpointError, match=rf"cannot read tensor '{victim}' \(.*boom") as exc:
+        _build(checkpoint)
+    assert str(exc.value).startswith(f"{path}: ")
+
+
+@pytest.mark.parametrize(
+    ("index", "got"),
+    [
+        (["model-00001-of-00002.safetensors"], "got a JSON list"),
+        ({"metadata": {}}, "got no weight_map field"),
+        ({"weight_map": ["model.safetensors"]}, "got a weight_map of type list"),
+    ],
+    ids=["list", "no-weight-map", "weight-map-list"],
+)
+def test_index_must_be_an_object_with_a_weight_map(checkpoint, index, got):
+    path = checkpoint / "model.safetensors.index.json"
+    path.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError) as excinfo:
+        _build(checkpoint)
+    assert str(excinfo.value) == (
+        f'{path}: a safetensors index must be a JSON object with a "weight_map" object mapping '
+        f"tensor names to file names, {got}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("weight_map", "message"),
+    [
+        ({"model.norm.weight": 3}, r"weight_map\['model\.norm\.weight'\] must be a file name"),
+        ({"model.norm.weight": None}, r"weight_map\['model\.norm\.weight'\] must be a file name"),
+        ({}, "weight_map is empty"),
+    ],
+    ids=["int", "null", "empty"],
+)
+def test_index_weight_map_maps_names_to_file_names(checkpoint, weight_map, message):
+    path = checkpoint / "model.safetensors.index.json"
+    path.write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match=message) as excinfo:
+        _build(checkpoint)
+    assert str(excinfo.value).startswith(f"{path}: ")

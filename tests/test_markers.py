@@ -1,4 +1,4 @@
-"""Markers (D4): one context manager = a torch.profiler record_function (what launches.py
+"""Markers: one context manager = a torch.profiler record_function (what launches.py
 attributes kernels to) + an NVTX range in the fusionguard domain; switchable off; cheap when
 nothing listens. The NVTX side is proven for real on the GPU by scripts/ncu_nvtx_check.py."""
 
@@ -15,8 +15,8 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from profiling import markers
-from profiling.markers import mark, set_markers_enabled
+from kernels import markers
+from kernels.markers import mark, set_markers_enabled
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,7 +64,7 @@ def test_markers_switched_off_emit_nothing(markers_on, tmp_path):
 
 
 def test_env_var_switches_markers_off_at_import():
-    code = "from profiling.markers import markers_enabled; print(markers_enabled())"
+    code = "from kernels.markers import markers_enabled; print(markers_enabled())"
     env = {**os.environ, "FUSIONGUARD_MARKERS": "0", "PYTHONPATH": str(ROOT)}
     out = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True

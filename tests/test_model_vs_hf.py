@@ -1,4 +1,5 @@
-"""The engine against transformers' Qwen3ForCausalLM on the same weights (D2).
+"""The engine against transformers' Qwen3ForCausalLM on the same weights, with the default
+fusions, every step unfused, and the alternative fusion (add+RMSNorm) on.
 
 The checkpoint is written by transformers (save_pretrained, safetensors) and read by our
 loader; transformers is teacher-forced on the engine's greedy tokens, so every step (prefill
@@ -21,15 +22,16 @@ from engine_helpers import (
 
 import engine
 
-# fp32 bound. Each op of both models is exact to a few float32 ulps (D2's per-op fp32 bound,
-# 1e-3, is far looser than what fp32 GEMMs of K <= 128 reach: ~K * 6e-8 relative). Through a
+# fp32 bound. Each op of both models is exact to a few float32 ulps (fp32 GEMMs of K <= 128
+# reach ~K * 6e-8 relative). Through a
 # few layers these stay ~1e-6 of logits of size ~0.5; 1e-4 absolute and 1e-4 norm-relative
 # leave two orders of margin while any real bug (a missing norm weight, a RoPE off by one
 # position, the wrong KV head) moves logits by >1e-2.
 FP32_MAX_ABS, FP32_NORM_REL = 1e-4, 1e-4
 
 # bf16 bound at the 0.6B config. Both models round every op's output to bf16 (2**-8 relative);
-# the fused o_proj is within 1 ulp of the unfused one (D2), the other ops are within 1-3 ulps
+# each fused step is within 1 ulp of its unfused ops (docs/definitions.md), the other ops
+# within 1-3 ulps
 # of transformers' rounding (tests/test_*_numerics.py). Over 28 layers these independent
 # rounding errors add up like a random walk on the residual stream, sqrt(28 layers * ~9 ops) *
 # 2**-8 ~ 6% of a logit's scale in the worst case, ~1-2% typical: 5e-2 norm-relative (no
@@ -37,17 +39,22 @@ FP32_MAX_ABS, FP32_NORM_REL = 1e-4, 1e-4
 BF16_NORM_REL = 5e-2
 
 
+FLAGS = {
+    "default": "default",
+    "none": "none",
+    "alternative": "o_proj_residual,add_rms_norm,norm_gate_up_silu",
+}
+
+
 def _compare(hf_model, directory, *, dtype, device, batch, prompt_len, steps, fused, bounds):
-    model = engine.build(
-        checkpoint=directory, dtype=dtype, device=device, fuse_o_proj_residual=fused
-    )
+    model = engine.build(checkpoint=directory, dtype=dtype, device=device, flags=FLAGS[fused])
     runner = engine.Runner(model, max_batch_size=batch, max_seq_len=prompt_len + steps)
     prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device=device)
     tokens, logits = engine_logits_over_generation(runner, prompt, steps)
     full = torch.cat([prompt, tokens[:, :-1]], dim=1)
     ref = hf_logits(hf_model, full)[:, prompt_len - 1 :]
     max_abs, norm_rel = bounds
-    what = f"{'fused' if fused else 'unfused'} {dtype}"
+    what = f"fusions {fused}, {dtype}"
     assert_logits_close(logits, ref, max_abs=max_abs, norm_rel=norm_rel, what=what)
     # A token may differ only where transformers' top-2 margin is within the logits error
     # actually measured (twice it: both top-2 logits may move): that is a tie, not a bug.
@@ -56,7 +63,7 @@ def _compare(hf_model, directory, *, dtype, device, batch, prompt_len, steps, fu
 
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+@pytest.mark.parametrize("fused", list(FLAGS))
 def test_small_model_matches_transformers_fp32(tmp_path, tied, fused, device):
     config = small_config(num_hidden_layers=3, tie_word_embeddings=tied)
     hf = hf_qwen3(config, device=device)
@@ -76,7 +83,7 @@ def test_small_model_matches_transformers_fp32(tmp_path, tied, fused, device):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+@pytest.mark.parametrize("fused", list(FLAGS))
 def test_qwen3_0_6b_matches_transformers_bf16(tmp_path, fused):
     config = engine.default_config()
     hf = hf_qwen3(config, dtype=torch.bfloat16, device="cuda")

@@ -125,12 +125,14 @@ def test_cuda_graph_on_cpu_warns_and_decodes_eagerly(model):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_cuda_graph_decode_equals_eager(dtype):
     """Same tokens and logits from graph replay as from eager decode, per batch size and
-    after flipping the fusion flag (graphs are captured per flags)."""
+    after switching fusions (graphs are captured per flag setting)."""
     model = engine.build(small_config(num_hidden_layers=4), dtype=dtype, device="cuda")
+    settings = ("default", "none", "o_proj_residual,add_rms_norm,norm_gate_up_silu", "default")
     for batch in (1, 3):
         prompt = torch.randint(0, 512, (batch, 5), device="cuda")
-        for fused in (True, False, True):
-            model.flags.fuse_o_proj_residual = fused
+        for spec in settings:
+            model.flags = engine.FusionFlags.parse(spec)
+            fused = spec
             eager = engine.Runner(model, max_batch_size=4, max_seq_len=64)
             graphed = engine.Runner(model, max_batch_size=4, max_seq_len=64, cuda_graph=True)
             expected = eager.generate(prompt, 12)
@@ -143,23 +145,26 @@ def test_cuda_graph_decode_equals_eager(dtype):
     prompt = torch.randint(0, 512, (1, 5), device="cuda")
     token, ref_token = runner.prefill(prompt).argmax(-1), reference.prefill(prompt).argmax(-1)
     for step in range(12):
-        model.flags.fuse_o_proj_residual = step % 3 != 0
+        model.flags.o_proj_residual = step % 3 != 0
         logits, ref_logits = runner.decode(token), reference.decode(ref_token)
         token, ref_token = logits.argmax(-1), ref_logits.argmax(-1)
         assert torch.equal(token, ref_token), f"step {step}"
         assert_logits_close(logits, ref_logits, max_abs=1e-2, norm_rel=1e-2, what=f"step {step}")
-    assert sorted(runner.captured_graphs) == [(1, (False,)), (1, (True,))]
+    without = tuple(sorted(engine.FusionFlags.default().enabled - {"o_proj_residual"}))
+    assert sorted(runner.captured_graphs) == sorted(
+        [(1, without), (1, engine.FusionFlags.default().key())]
+    )
 
 
 @pytest.mark.gpu
 def test_qwen3_0_6b_cuda_graph_tokens_equal_eager():
     model = engine.build(dtype=torch.bfloat16, device="cuda")
     prompt = torch.randint(0, model.config.vocab_size, (1, 16), device="cuda")
-    for fused in (True, False):
-        model.flags.fuse_o_proj_residual = fused
+    for spec in ("default", "none"):
+        model.flags = engine.FusionFlags.parse(spec)
         eager = engine.Runner(model, max_seq_len=64).generate(prompt, 16)
         graphed = engine.Runner(model, max_seq_len=64, cuda_graph=True).generate(prompt, 16)
-        assert torch.equal(graphed, eager), f"fused={fused}"
+        assert torch.equal(graphed, eager), f"fusions {spec}"
 
 
 def test_cli_runs_a_small_config(tmp_path):
@@ -176,7 +181,8 @@ def test_cli_runs_a_small_config(tmp_path):
             "4",
             "--max-new-tokens",
             "3",
-            "--unfused",
+            "--fusions",
+            "none",
             "--dtype",
             "float32",
         ],

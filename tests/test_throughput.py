@@ -1,114 +1,73 @@
-"""Decode throughput (D5). GPU: pytest-benchmark benchmarks of decode, fused and unfused,
-eager and CUDA graph, on the embedded default (Qwen3-0.6B architecture, random weights).
-CPU: the measuring code end to end on a 2-layer model through the interpreter (its numbers
-mean nothing; what is checked is what gets measured and reported)."""
+"""Decode throughput: which variants and pairings the suite measures, the interleaved
+measurement (CPU: eager through the interpreter, meaningless as figures but the same code),
+and the GPU: CUDA-graph decode faster with the default fusions than with none."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
+from engine_helpers import small_config
 
-from profiling.launches import random_prompt
-from profiling.throughput import (
-    Mode,
-    Settings,
-    ThroughputResult,
-    fusion,
-    make_runner,
-    measure_mode,
-    report_json,
-    time_decode,
-)
+import engine
+from engine import fusions as registry
+from profiling import throughput
+from profiling.throughput import Settings, measure_variants, speedups, variants_and_pairings
 
 
-def test_settings_need_five_repeats_and_a_warm_up():
-    with pytest.raises(ValueError, match="repeats must be >= 5"):
-        Settings(repeats=4)
+def test_variants_cover_every_fusion_where_it_runs():
+    variants, pairings = variants_and_pairings()
+    by_name = {v.name: v for v in variants}
+    default = frozenset(f.name for f in registry.all_fusions() if f.default)
+    assert by_name["default"].fusions == default and by_name["none"].fusions == frozenset()
+    assert {p.name for p in pairings} == {"all", *(f.name for f in registry.all_fusions())}
+    for p in pairings:
+        on, off = by_name[p.on].fusions, by_name[p.off].fusions
+        if p.name == "all":
+            continue
+        assert on - off == {p.name}, p  # the pair differs by exactly the fusion
+        engine.FusionFlags(on)  # a valid combination (no alternatives together)
+
+
+def test_settings_refuse_too_few_rounds():
+    with pytest.raises(ValueError, match="rounds must be >= 5"):
+        Settings(rounds=3)
     with pytest.raises(ValueError, match="warmup"):
         Settings(warmup=0)
 
 
-def test_result_statistics_are_those_of_the_repeats():
-    result = ThroughputResult(Mode(True, False), [100.0, 110.0, 90.0, 105.0, 95.0])
-    assert result.median == 100.0
-    assert result.spread == pytest.approx(0.2)
-    assert result.mad_rel == pytest.approx(0.05)
-
-
-@pytest.mark.skipif(
-    torch.cuda.is_available(),
-    reason="checks the interpreter run on CPU tensors; on a GPU the gpu-marked tests measure",
-)
-def test_measure_on_the_interpreter_end_to_end():
-    import engine
-    from profiling.__main__ import small_config
-
-    model = engine.build(small_config(), dtype=torch.float32, device="cpu")
-    settings = Settings(prompt_len=3, new_tokens=2, repeats=5, warmup=1)
-    results = [measure_mode(model, Mode(fused, False), settings) for fused in (True, False)]
-    assert model.flags.fuse_o_proj_residual is True  # restored after the unfused mode
-    for r in results:
-        assert len(r.tokens_per_s) == settings.repeats
-        assert all(math.isfinite(x) and x > 0 for x in r.tokens_per_s)
-        assert r.launches is None and "no CUDA" in r.launches_error
-    report = report_json(results, model, settings)
-    entry = report["modes"]["eager-b1"]
-    assert entry["speedup"] == pytest.approx(
-        entry["fused"]["tok_s_median"] / entry["unfused"]["tok_s_median"]
+def test_interleaved_measurement_runs_every_variant_and_restores_the_flags():
+    model = engine.build(small_config(num_hidden_layers=2), dtype=torch.float32, device="cpu")
+    before = model.flags
+    variants, pairings = variants_and_pairings()
+    chosen = [v for v in variants if v.name in ("default", "none")]
+    rates = measure_variants(
+        model, chosen, 1, Settings(prompt_len=3, new_tokens=2, rounds=5), cuda_graph=False
     )
-    assert report["config"]["num_hidden_layers"] == 2
-    assert report["settings"]["new_tokens"] == 2
-    assert report["gpu"] and report["torch"] == torch.__version__
-    with pytest.raises(ValueError, match="needs a CUDA model"):
-        measure_mode(model, Mode(True, True), settings)
+    assert set(rates) == {"default", "none"}
+    assert all(len(r) == 5 and all(x > 0 for x in r) for r in rates.values())
+    assert model.flags is before
+    result = speedups(rates, [p for p in pairings if p.name == "all"])
+    assert result["all"]["median"] == pytest.approx(
+        sorted(a / b for a, b in zip(rates["default"], rates["none"], strict=True))[2]
+    )
 
 
-# --------------------------------------------------------------------------------------------
-# GPU benchmarks
-# --------------------------------------------------------------------------------------------
+def test_cuda_graph_decode_needs_a_cuda_model():
+    model = engine.build(small_config(num_hidden_layers=1), dtype=torch.float32, device="cpu")
+    with pytest.raises(ValueError, match="CUDA"):
+        measure_variants(model, variants_and_pairings()[0][:1], 1, Settings(), cuda_graph=True)
 
-BENCH_SETTINGS = Settings()
 
-
-@pytest.fixture(scope="module")
-def default_model():
-    from profiling.gate import default_model
-
-    return default_model()
+def test_spread_and_mad():
+    assert throughput.spread([1.0, 2.0, 3.0]) == pytest.approx(1.0)
+    assert throughput.mad_rel([1.0, 2.0, 3.0]) == pytest.approx(0.5)
 
 
 @pytest.mark.gpu
-@pytest.mark.bench
-@pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
-def test_decode_throughput(benchmark, default_model, fused, graph):
-    """One round = BENCH_SETTINGS.new_tokens decode steps after an untimed prefill."""
-    mode = Mode(fused, graph)
-    s = BENCH_SETTINGS
-    with fusion(default_model, fused):
-        runner = make_runner(default_model, mode, s)
-        time_decode(runner, 1, s)  # warm-up, and the CUDA-graph capture
-        prompt = random_prompt(runner, 1, s.prompt_len)
-        state = {}
-
-        def prefill():
-            state["token"] = runner.prefill(prompt).argmax(-1)
-            torch.cuda.synchronize()
-
-        def decode():
-            token = state["token"]
-            for _ in range(s.new_tokens):
-                token = runner.decode(token).argmax(-1)
-            torch.cuda.synchronize()
-
-        with torch.inference_mode():
-            benchmark.pedantic(decode, setup=prefill, rounds=s.repeats + 2, warmup_rounds=1)
-    benchmark.group = f"decode {mode.key} (Qwen3-0.6B arch, {s.new_tokens} tokens)"
-    benchmark.extra_info.update(
-        mode=str(mode),
-        new_tokens=s.new_tokens,
-        prompt_len=s.prompt_len,
-        tok_s_median=s.new_tokens / benchmark.stats["median"],
-    )
+@pytest.mark.timing
+def test_default_fusions_decode_faster_than_none_on_the_gpu():
+    model = engine.build(dtype=torch.bfloat16)
+    chosen = [v for v in variants_and_pairings()[0] if v.name in ("default", "none")]
+    rates = measure_variants(model, chosen, 1, Settings(rounds=5))
+    result = speedups(rates, [p for p in variants_and_pairings()[1] if p.name == "all"])
+    assert result["all"]["median"] > 1.0, result

@@ -1,43 +1,141 @@
-"""The committed launch tables (cold start: nothing autotunes at run time) and the tuner's
-candidate space. CPU: these read JSON and build configurations, they launch nothing."""
+"""The committed launch tables of linear_residual (kernels/configs/linear_residual/<gpu-slug>.json;
+cold start: nothing autotunes at run time) and how kernels.tuning reads them. CPU: these read
+JSON and build configurations, they launch nothing."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+import torch
 
-from kernels.fused_attn_output import CONFIG_DIR, KernelConfig, m_bucket
-from kernels.tune import M_BUCKETS, QWEN3_O_PROJ_SHAPES, candidates
+from kernels import linear_residual as lr
+from kernels import tuning
+from kernels.runtime import gpu_slug
 
-TABLES = sorted(CONFIG_DIR.glob("*.json"))
+KERNEL = "linear_residual"
+TABLES = sorted((tuning.CONFIG_DIR / KERNEL).glob("*.json"))
+# Qwen3 o_proj (N, K): hidden size x (heads x head_dim).
+QWEN3_O_PROJ_SHAPES = {
+    "qwen3-0.6b": (1024, 2048),
+    "qwen3-1.7b": (2048, 2048),
+    "qwen3-4b": (2560, 4096),
+    "qwen3-8b": (4096, 4096),
+}
+
+
+def _tables():
+    return pytest.mark.parametrize("path", TABLES, ids=[p.stem for p in TABLES])
 
 
 def test_a_table_is_committed():
-    assert TABLES, f"no tuned launch table under {CONFIG_DIR}"
+    assert TABLES, f"no tuned launch table under {tuning.CONFIG_DIR / KERNEL}"
+    assert lr.KERNEL == KERNEL
 
 
-@pytest.mark.parametrize("path", TABLES, ids=[p.stem for p in TABLES])
+@_tables()
+def test_table_names_its_gpu(path):
+    table = json.loads(path.read_text())
+    assert table["gpu_slug"] == path.stem == gpu_slug(table["gpu"])
+    assert tuning.table_path(KERNEL, path.stem) == path
+    assert tuning.load_table(KERNEL, path.stem) == table
+
+
+@_tables()
 def test_committed_table_covers_every_qwen3_shape_from_m_1(path):
     table = json.loads(path.read_text())
-    assert table["gpu_slug"] == path.stem
     for name, (N, K) in QWEN3_O_PROJ_SHAPES.items():
-        by_m = table["configs"][f"{N}x{K}"]["bfloat16"]
+        by_m = table["configs"][f"{N}x{K}"][tuning.dtype_key(torch.bfloat16)]
         assert "1" in by_m, f"{name}: decode (M=1) has no tuned configuration"
-        for bucket, data in by_m.items():
-            assert int(bucket) == m_bucket(int(bucket)), f"{name}: {bucket} is not a bucket"
-            config = KernelConfig.from_json(data)  # validates
+        for bucket in by_m:
             timing = table["timings"][f"{N}x{K}"]["bfloat16"][bucket]
-            assert timing["best_us"] > 0 and timing["candidates"] >= 1, (name, bucket, config)
+            assert timing["best_us"] > 0 and timing["candidates"] >= 1, (name, bucket)
 
 
+@_tables()
+def test_every_entry_is_a_valid_config(path):
+    table = json.loads(path.read_text())
+    entries = 0
+    for shape, by_dtype in table["configs"].items():
+        N, K = (int(v) for v in shape.split("x"))
+        assert N >= 1 and K >= 1, shape
+        for dtype, by_m in by_dtype.items():
+            assert dtype in ("bfloat16", "float16", "float32"), (shape, dtype)
+            for bucket, data in by_m.items():
+                assert int(bucket) == tuning.m_bucket(int(bucket)), f"{shape}: {bucket}"
+                lr.Config.from_json(data)  # validates; unknown fields are refused
+                entries += 1
+    assert entries >= 4 * len(QWEN3_O_PROJ_SHAPES)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"path": "gemm"},
+        {"BLOCK_N": 3},
+        {"split_k": 0},
+        {"dot": True, "BLOCK_M": 8, "BLOCK_N": 16, "BLOCK_K": 16},
+        {"GROUP_M": 8},
+        {"tma": True},
+    ],
+    ids=["path", "block", "split_k", "dot-small", "GROUP_M", "tma"],
+)
+def test_invalid_config_is_refused(fields):
+    with pytest.raises((ValueError, TypeError)):
+        lr.Config.from_json({**lr.Config().to_json(), **fields})
+
+
+@pytest.mark.parametrize(
+    ("M", "bucket"),
+    [(1, 1), (2, 2), (3, 4), (5, 8), (16, 16), (17, 32), (333, 512), (2048, 2048), (2049, 4096)],
+)
+def test_m_bucket_is_the_next_power_of_two(M, bucket):
+    assert tuning.m_bucket(M) == bucket
+
+
+@pytest.mark.skipif(not tuning.INTERPRETING, reason="checks the interpreter's behaviour")
 @pytest.mark.parametrize("shape", QWEN3_O_PROJ_SHAPES)
-@pytest.mark.parametrize("M", M_BUCKETS)
-def test_tuner_has_candidates_for_every_bucket(shape, M):
+def test_no_table_applies_under_the_interpreter(shape, monkeypatch):
     N, K = QWEN3_O_PROJ_SHAPES[shape]
-    found = candidates(M, N, K)
-    assert found, f"no candidates for M={M} {shape}"
-    for config in found:
-        if config.path == "gemv":  # whole rows of the output tile stay within one program
-            assert config.BLOCK_M >= M or config.dot, config
-        assert config.pdl, config  # PDL is toggled off on the winner, not here
+    if TABLES:  # even when this machine is named like a tuned GPU
+        monkeypatch.setattr(tuning, "gpu_slug", lambda: TABLES[0].stem)
+    for M in (1, 16, 2048):
+        assert tuning.tuned(KERNEL, N, K, torch.bfloat16, M) is None
+        assert lr.select_config(M, N, K, torch.bfloat16) == lr.heuristic_config(
+            M, N, K, torch.bfloat16
+        )
+
+
+@_tables()
+def test_tuned_picks_the_bucket_at_or_above_m(path, monkeypatch):
+    """What a compiled run on that GPU reads: the bucket of M, else the next larger tuned one,
+    beyond the largest the largest; an untuned shape or dtype gets None (the heuristic)."""
+    table = json.loads(path.read_text())
+    monkeypatch.setattr(tuning, "INTERPRETING", False)
+    monkeypatch.setattr(tuning, "gpu_slug", lambda: path.stem)
+    N, K = QWEN3_O_PROJ_SHAPES["qwen3-0.6b"]
+    by_m = table["configs"][f"{N}x{K}"]["bfloat16"]
+    buckets = sorted(int(b) for b in by_m)
+    for M in (1, 2, 3, 5, 17, 100, 333, 2048, 5000):
+        expected = next((b for b in buckets if b >= tuning.m_bucket(M)), buckets[-1])
+        assert tuning.tuned(KERNEL, N, K, torch.bfloat16, M) == by_m[str(expected)], M
+        assert lr.select_config(M, N, K, torch.bfloat16) == lr.Config.from_json(by_m[str(expected)])
+    assert tuning.tuned(KERNEL, 77, 333, torch.bfloat16, 1) is None
+    if "float32" not in table["configs"][f"{N}x{K}"]:
+        assert tuning.tuned(KERNEL, N, K, torch.float32, 1) is None
+    assert tuning.load_table(KERNEL, "no-such-gpu") == {}
+
+
+def test_use_config_forces_and_restores():
+    N, K = QWEN3_O_PROJ_SHAPES["qwen3-0.6b"]
+    before = lr.select_config(7, N, K, torch.bfloat16)
+    forced = lr.Config("gemv", 4, 32, 128, split_k=2)
+    assert forced != before
+    with tuning.use_config(KERNEL, forced):
+        assert tuning.override(KERNEL) == forced
+        assert lr.select_config(7, N, K, torch.bfloat16) == forced
+        with tuning.use_config(KERNEL, lr.Config("cublas")):
+            assert lr.select_config(7, N, K, torch.bfloat16).path == "cublas"
+        assert lr.select_config(7, N, K, torch.bfloat16) == forced
+    assert tuning.override(KERNEL) is None
+    assert lr.select_config(7, N, K, torch.bfloat16) == before

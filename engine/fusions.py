@@ -1,0 +1,138 @@
+"""The fusion registry: one declaration per fusion, and every part of the suite iterates over it.
+
+A declaration names the run of engine ops it replaces (engine/qwen3.py lists the ops) and the
+kernel that does it in one launch; engine/program.py derives the rest (its unfused path, its
+float64 reference, its inputs at model shapes, its alternatives). The engine runs any
+combination of non-alternative fusions (engine/flags.py); the suite counts each one's
+launches, checks its numerics through the engine's call path, times it against its unfused
+ops and peers, gates it and shows it in the report, with no other edit. docs/add-a-fusion.md
+walks through adding one.
+
+Each name is the fusion's flag, marker (NVTX range), JSON key and test id.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from engine.program import Fusion
+from kernels.linear_residual import linear_residual
+from kernels.rms_norm import add_rms_norm
+from kernels.rms_norm_linear import rms_norm_linear
+from kernels.rms_norm_swiglu import rms_norm_swiglu
+
+
+def _addmm_residual(x, residual, weight):
+    """cuBLAS's GEMM with the residual in its epilogue: the best one-launch torch peer."""
+    return residual.addmm_(x, weight.T)
+
+
+_FUSIONS: dict[str, Fusion] = {}
+
+
+def register(fusion: Fusion) -> Fusion:
+    """Add a fusion to the registry (its name must be new)."""
+    if fusion.name in _FUSIONS:
+        raise ValueError(f"a fusion named {fusion.name!r} is already registered")
+    _FUSIONS[fusion.name] = fusion
+    return fusion
+
+
+@contextlib.contextmanager
+def registered(fusion: Fusion) -> Iterator[Fusion]:
+    """Register ``fusion`` for the duration of the block (tests)."""
+    register(fusion)
+    try:
+        yield fusion
+    finally:
+        del _FUSIONS[fusion.name]
+
+
+def all_fusions() -> list[Fusion]:
+    """Every registered fusion, in registration order."""
+    return list(_FUSIONS.values())
+
+
+def get(name: str) -> Fusion:
+    if name not in _FUSIONS:
+        raise ValueError(f"unknown fusion {name!r}; registered: {', '.join(_FUSIONS)}")
+    return _FUSIONS[name]
+
+
+register(
+    Fusion(
+        "o_proj_residual",
+        spans=(("o_proj", "attn_residual_add"),),
+        fused=lambda attn, residual, o_proj_weight: linear_residual(
+            attn, residual, o_proj_weight, out=residual
+        ),
+        outputs=("residual",),
+        kernel="linear_residual",
+        kernel_names=("_gemv_residual_kernel",),
+        peers={
+            "addmm_": lambda attn, residual, o_proj_weight: _addmm_residual(
+                attn, residual, o_proj_weight
+            )
+        },
+        doc="attention output projection + attention residual add (in place)",
+    )
+)
+register(
+    Fusion(
+        "add_rms_norm",
+        spans=(("residual_add", "input_norm"), ("residual_add", "final_norm")),
+        fused=lambda residual, mlp_out, norm_weight, eps: add_rms_norm(
+            mlp_out, residual, norm_weight, eps
+        ),
+        outputs=("normed", "residual"),
+        kernel="rms_norm",
+        kernel_names=("_rms_norm_kernel",),
+        default=False,  # the default runs its alternatives down_proj_residual + norm_qkv_proj
+        doc="MLP residual add + the next RMSNorm (residual updated in place)",
+    )
+)
+register(
+    Fusion(
+        "norm_qkv_proj",
+        spans=(("input_norm", "qkv_proj"),),
+        fused=lambda residual, norm_weight, eps, qkv_weight: rms_norm_linear(
+            residual, norm_weight, qkv_weight, eps
+        ),
+        outputs=("qkv",),
+        kernel="rms_norm_linear",
+        kernel_names=("_rms_norm_linear_kernel",),
+        doc="input RMSNorm computed in the q/k/v projection's prologue",
+    )
+)
+register(
+    Fusion(
+        "norm_gate_up_silu",
+        spans=(("post_attention_norm", "gate_up_proj", "silu_mul"),),
+        fused=lambda residual, norm_weight, eps, gate_up_weight: rms_norm_swiglu(
+            residual, norm_weight, gate_up_weight, eps
+        ),
+        outputs=("act",),
+        kernel="rms_norm_swiglu",
+        kernel_names=("_rms_norm_swiglu_kernel",),
+        doc="post-attention RMSNorm + gate/up projection + SiLU(gate) * up",
+    )
+)
+register(
+    Fusion(
+        "down_proj_residual",
+        spans=(("down_proj", "residual_add"),),
+        fused=lambda act, residual, down_proj_weight: linear_residual(
+            act, residual, down_proj_weight, out=residual
+        ),
+        outputs=("residual",),
+        kernel="linear_residual",
+        kernel_names=("_gemv_residual_kernel",),
+        peers={
+            "addmm_": lambda act, residual, down_proj_weight: _addmm_residual(
+                act, residual, down_proj_weight
+            )
+        },
+        doc="MLP down projection + MLP residual add (in place)",
+    )
+)

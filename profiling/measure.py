@@ -1,0 +1,415 @@
+"""The measurements of the suite, stage by stage, for every registered fusion.
+
+Each stage returns plain JSON-able data; profiling/baselines.py turns a run into a baseline
+and compares runs, profiling/gate.py runs the gate's stages, ``python -m profiling`` the report.
+
+1. launches   kernels per decode step (= per token at batch 1) per variant, mode (eager, CUDA
+              graph) and batch size, attributed to every segment (fusion step or unfused op)
+2. numerics   every fusion's numerics rule at the model's shapes through the fused callable
+              the engine calls, in the model's dtype and fp32; and the whole engine (default
+              fusions vs all unfused) against an fp32 copy of itself
+3. kernels    every fusion step's time over its unfused ops and its peers, at decode sizes
+4. e2e        decode tok/s of the variants, interleaved; speed-ups per pairing
+and, for the report only: eager decode (host-bound: not gated) and the time breakdown.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+from engine import fusions as registry
+from engine.flags import FusionFlags
+from engine.program import bytes_moved, span_instances, span_ops
+from kernels.runtime import INTERPRETING, backend, gpu_name, gpu_slug
+from profiling import throughput
+from profiling.launches import profile_decode
+from profiling.numerics import NumericsResult, check_fusion, judge_model, tf32_off
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SCHEMA = "fusionguard-report/2"
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What a run measures. The gate measures what its baseline's plan says."""
+
+    prompt_len: int = 16
+    new_tokens: int = 64
+    rounds: int = 7
+    batches: tuple[int, ...] = (1, 8)
+    kernel_rows: tuple[int, ...] = (1, 8)
+    kernel_rounds: int = 11
+    numerics_rows: tuple[int, ...] = (1, 8, 64)
+    launch_steps: int = 3
+
+    def settings(self) -> throughput.Settings:
+        return throughput.Settings(self.prompt_len, self.new_tokens, self.rounds)
+
+    def to_json(self) -> dict:
+        return {
+            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> Plan:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(
+            **{k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in fields}
+        )
+
+
+CPU_PLAN = Plan(prompt_len=4, new_tokens=4, rounds=5, batches=(1,), numerics_rows=(1, 8))
+
+# ---------------------------------------------------------------------------------------------
+# Where and what
+# ---------------------------------------------------------------------------------------------
+
+
+def git_commit(root: Path = REPO_ROOT) -> str | None:
+    """HEAD (with -dirty), or FUSIONGUARD_COMMIT where the tree has no .git (a copied tree)."""
+    if os.environ.get("FUSIONGUARD_COMMIT"):
+        return os.environ["FUSIONGUARD_COMMIT"]
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = out.stdout.strip()
+    if out.returncode != 0 or not commit:
+        return None
+    return commit + ("-dirty" if dirty else "")
+
+
+def environment() -> dict:
+    import triton
+
+    return {
+        "gpu": gpu_name(),
+        "gpu_slug": gpu_slug(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "backend": backend(),
+        "commit": git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+CONFIG_FIELDS = (
+    "num_hidden_layers",
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+)
+
+
+def model_summary(model) -> dict:
+    """The model dimensions, dtype and fusions (instances, kernels per instance) of a run."""
+    program = model.program()
+    fusions = {}
+    for f in registry.all_fusions():
+        ops = span_ops(program, f)
+        fusions[f.name] = {
+            "spans": [list(s) for s in f.spans],
+            "kernel": f.kernel,
+            "default": f.default,
+            "instances_per_step": len(span_instances(program, f)),
+            "fused_kernels": f.fused_kernels,
+            "unfused_kernels": sum(op.kernels for op in ops),
+            "alternatives": sorted(g.name for g in registry.all_fusions() if g.conflicts_with(f)),
+        }
+    return {
+        "config": {name: getattr(model.config, name) for name in CONFIG_FIELDS},
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "default_fusions": sorted(FusionFlags.default().enabled),
+        "fusions": fusions,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Launches
+# ---------------------------------------------------------------------------------------------
+
+
+def launch_variants() -> list[throughput.Variant]:
+    """default, none, and alt+f for every fusion outside the default (where f runs)."""
+    variants, _ = throughput.variants_and_pairings()
+    return [v for v in variants if v.name in ("default", "none") or v.name.startswith("alt+")]
+
+
+def launch_keys(plan: Plan) -> list[tuple[str, bool, int]]:
+    """(variant, cuda_graph, batch) combinations counted."""
+    keys = []
+    for v in launch_variants():
+        keys.append((v.name, False, 1))
+        for batch in sorted({1, max(plan.batches)}):
+            keys.append((v.name, True, batch))
+    return keys
+
+
+def launch_key(variant: str, cuda_graph: bool, batch: int) -> str:
+    return f"{variant}/{'graph' if cuda_graph else 'eager'}-b{batch}"
+
+
+def segment_names(model) -> list[str]:
+    return sorted({op for op in model.ops} | {f.name for f in registry.all_fusions()})
+
+
+def count_variant(model, variant, cuda_graph: bool, batch: int, plan: Plan) -> dict:
+    from engine.runner import Runner
+
+    saved = model.flags
+    model.flags = variant.flags()
+    try:
+        runner = Runner(
+            model,
+            max_batch_size=batch,
+            max_seq_len=plan.prompt_len + plan.launch_steps + 8,
+            cuda_graph=cuda_graph,
+        )
+        counts = profile_decode(
+            runner,
+            plan.launch_steps,
+            batch=batch,
+            prompt_len=plan.prompt_len,
+            ranges=segment_names(model),
+        )
+    finally:
+        model.flags = saved
+    data = counts.to_json()
+    segments = {
+        name: {
+            "instances": r["instances_per_step"],
+            "per_instance": r["per_instance"],
+            "uniform": r["uniform"],
+            "kernel_names": r["kernel_names"],
+            **({"us_per_step": r["us_per_step"]} if "us_per_step" in r else {}),
+        }
+        for name, r in data["ranges"].items()
+    }
+    return {
+        "variant": variant.name,
+        "fusions": sorted(variant.fusions),
+        "mode": "graph" if cuda_graph else "eager",
+        "batch": batch,
+        "kernels_per_step": data["kernels_per_step"],
+        "memcpy_per_step": data["memcpy_per_step"],
+        "memset_per_step": data["memset_per_step"],
+        "uniform": data["uniform"],
+        "kernel_us_per_step": data["kernel_us_per_step"],
+        "replay_kernels_seen": data["replay_kernels_seen"],
+        "segments": segments,
+    }
+
+
+def measure_launches(model, plan: Plan, progress=None) -> dict:
+    variants = {v.name: v for v in launch_variants()}
+    out = {}
+    for name, graph, batch in launch_keys(plan):
+        out[launch_key(name, graph, batch)] = count_variant(
+            model, variants[name], graph, batch, plan
+        )
+        if progress is not None:
+            progress.update(1)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Numerics
+# ---------------------------------------------------------------------------------------------
+
+
+def measure_fusion_numerics(model, plan: Plan, seed: int) -> list[NumericsResult]:
+    program = model.program()
+    generator = torch.Generator(device=model.device).manual_seed(seed)
+    results = []
+    for fusion in registry.all_fusions():
+        for dtype in dict.fromkeys((model.dtype, torch.float32)):
+            for rows in plan.numerics_rows:
+                results += check_fusion(
+                    fusion, program, model.config, rows, dtype, model.device, generator
+                )
+    return results
+
+
+def measure_model_numerics(model, plan: Plan, seed: int, steps: int = 3) -> NumericsResult:
+    """Default fusions vs all unfused, both in the model's dtype, against an fp32 copy of the
+    same weights run unfused (profiling.numerics.judge_model)."""
+    import engine
+    from engine.runner import Runner
+
+    reference = engine.build(model.config, dtype=torch.float32, device=model.device, flags="none")
+    reference.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    prompt = throughput.random_prompt(
+        model.config.vocab_size, 2, plan.prompt_len, model.device, seed
+    )
+
+    def logits(m, flags, tokens=None):
+        saved = m.flags
+        m.flags = flags
+        try:
+            runner = Runner(m, max_batch_size=2, max_seq_len=plan.prompt_len + steps + 2)
+            with torch.inference_mode():
+                out = [runner.prefill(prompt)]
+                for i in range(steps):
+                    token = out[-1].argmax(-1) if tokens is None else tokens[i]
+                    out.append(runner.decode(token))
+            return torch.stack(out, 1)
+        finally:
+            m.flags = saved
+
+    fused = logits(model, FusionFlags.default())
+    tokens = [fused[:, i].argmax(-1) for i in range(steps)]  # teacher-forced on fused tokens
+    unfused = logits(model, FusionFlags.none(), tokens)
+    with tf32_off():
+        ref = logits(reference, FusionFlags.none(), tokens).double()
+    del reference
+    return judge_model("engine.logits", fused, ref, unfused, rows=2)
+
+
+def measure_numerics(model, plan: Plan, seed: int = 0) -> list[NumericsResult]:
+    return [*measure_fusion_numerics(model, plan, seed), measure_model_numerics(model, plan, seed)]
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Kernel time ratios
+# ---------------------------------------------------------------------------------------------
+
+
+def ratio_key(fusion: str, rows: int, reference: str) -> str:
+    return f"{fusion}/m{rows}/{reference}"
+
+
+def measure_kernel_ratios(
+    model, plan: Plan, *, only: set[str] | None = None, progress=None
+) -> dict[str, dict]:
+    """fused / reference per fusion, decode size and reference (unfused ops, each peer).
+    ``only``: measure just these ratio keys' (fusion, rows) (a re-measurement)."""
+    from profiling.kernel_timing import time_fusion
+
+    program = model.program()
+    out = {}
+    for fusion in registry.all_fusions():
+        for rows in plan.kernel_rows:
+            wanted = only is None or any(k.startswith(f"{fusion.name}/m{rows}/") for k in only)
+            if wanted:
+                result = time_fusion(
+                    fusion, program, model.config, rows, model.dtype, rounds=plan.kernel_rounds
+                )
+                for ref in result.references():
+                    out[ratio_key(fusion.name, rows, ref)] = {
+                        "ratio": result.ratio(ref),
+                        "rounds": result.ratios(ref),
+                        "fused_us": result.median_us("fused"),
+                        "reference_us": result.median_us(ref),
+                    }
+            if progress is not None:
+                progress.update(1)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. End to end
+# ---------------------------------------------------------------------------------------------
+
+
+def measure_e2e(model, plan: Plan, *, batches=None, progress=None) -> dict[str, dict]:
+    """Per batch size: tok/s of every variant (CUDA-graph decode) and the speed-ups."""
+    variants, pairings = throughput.variants_and_pairings()
+    out = {}
+    for batch in plan.batches if batches is None else batches:
+        rates = throughput.measure_variants(
+            model, variants, batch, plan.settings(), cuda_graph=True, progress=progress
+        )
+        out[f"b{batch}"] = {
+            "batch": batch,
+            "variants": {
+                name: {"tok_s": r, "median": _median(r), "spread": throughput.spread(r)}
+                for name, r in rates.items()
+            },
+            "speedups": throughput.speedups(rates, pairings),
+        }
+    return out
+
+
+def measure_eager(model, plan: Plan) -> dict:
+    """Eager decode tok/s, default vs none (report only: host-bound, so not gated)."""
+    variants = [v for v in throughput.variants_and_pairings()[0] if v.name in ("default", "none")]
+    settings = throughput.Settings(plan.prompt_len, plan.new_tokens, 5)
+    rates = throughput.measure_variants(model, variants, 1, settings, cuda_graph=False)
+    return {
+        "gated": False,
+        "reason": (
+            "eager decode is host-bound (the host's Python and launch overhead per kernel, not "
+            "the GPU, sets its pace, and varies by tens of percent between runs on a shared "
+            "host); its launch counts are gated, its kernel time is in the breakdown"
+        ),
+        "variants": {
+            name: {"tok_s": r, "median": _median(r), "spread": throughput.spread(r)}
+            for name, r in rates.items()
+        },
+    }
+
+
+def _median(values):
+    import statistics
+
+    return statistics.median(values)
+
+
+# ---------------------------------------------------------------------------------------------
+# The time breakdown's floors
+# ---------------------------------------------------------------------------------------------
+
+
+def segment_floors(model, batch: int, context_len: int, bandwidth_tb_s: float | None) -> dict:
+    """Bytes each segment must move per decode step, and its bandwidth floor in µs."""
+    from profiling.kernel_timing import floor_us
+
+    program = model.program()
+    itemsize = torch.finfo(model.dtype).bits // 8
+    out: dict[str, dict] = {}
+    for name, op in model.ops.items():
+        count = sum(1 for b in program if b.op.name == name)
+        per = bytes_moved([op], [op.writes], model.config, batch, itemsize, context_len)
+        out[name] = {"bytes_per_step": per * count}
+    for f in registry.all_fusions():
+        total = 0
+        for start, stop in span_instances(program, f):
+            ops = [b.op for b in program[start:stop]]
+            total += bytes_moved(ops, f.outputs, model.config, batch, itemsize, context_len)
+        out[f.name] = {"bytes_per_step": total}
+    for entry in out.values():
+        entry["floor_us"] = (
+            floor_us(entry["bytes_per_step"], bandwidth_tb_s) if bandwidth_tb_s else None
+        )
+    return out
+
+
+def report_header(model, plan: Plan) -> dict:
+    return {
+        "schema": SCHEMA,
+        **environment(),
+        "interpreted": INTERPRETING,
+        "model": model_summary(model),
+        "plan": plan.to_json(),
+    }

@@ -1,0 +1,167 @@
+"""Tune the launch configuration of each fusion's kernel per (shape, dtype, M bucket) on this
+GPU, and write the tables the kernels read (kernels/configs/<kernel>/<gpu-slug>.json).
+
+    python -m profiling.tune                         # every fusion, default model, buckets 1 8
+    python -m profiling.tune --fusions o_proj_residual --sizes 0.6b 8b --buckets 1 8 64
+
+Each candidate is timed as the gate times kernels (profiling/kernel_timing.py: distinct
+weights chained in one CUDA graph); the four fastest are timed again with more rounds, and the
+winner must pass the numerics rule before it is written. Nothing autotunes at run time.
+Buckets and shapes not tuned in a run keep their committed entries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import itertools
+import json
+from pathlib import Path
+
+import torch
+import triton
+
+from engine import fusions as registry
+from engine.config import QWEN3_SIZES, qwen3_config
+from engine.program import span_ops
+from engine.qwen3 import Qwen3ForCausalLM
+from kernels import tuning
+from kernels.runtime import gpu_name, gpu_slug
+from profiling.kernel_timing import fused_us_per_call
+from profiling.numerics import check_fusion
+
+
+def _linear_residual(M: int, N: int, K: int):
+    from kernels.linear_residual import Config
+
+    out = [Config("cublas")] if M >= 16 else []
+    for split in (1, 2, 4, 8):
+        slice_k = triton.next_power_of_2(triton.cdiv(K, split))
+        if M <= 4:
+            for bn, warps in itertools.product((1, 2, 4, 8), (4, 8)):
+                if M * bn * slice_k <= 16384 and 128 <= triton.cdiv(N, bn) * split <= 2048:
+                    out.append(Config("gemv", M, bn, slice_k, warps, pdl=True, split_k=split))
+        if M >= 2 and slice_k >= 64:
+            for bn, warps in itertools.product((16, 32, 64), (4, 8)):
+                programs = triton.cdiv(N, bn) * split * triton.cdiv(M, 16)
+                if 64 <= programs <= 2048 and bn * slice_k <= 32768 and 16 * slice_k <= 32768:
+                    out.append(
+                        Config("gemv", 16, bn, slice_k, warps, pdl=True, split_k=split, dot=True)
+                    )
+    return out
+
+
+def _rms_norm_gemv(M: int, N: int, K: int):
+    from kernels.rms_norm_linear import Config
+
+    out = [Config("cublas")] if M >= 16 else []
+    block_k = triton.next_power_of_2(K)
+    if M <= 4:
+        for bn, warps in itertools.product((1, 2, 4, 8), (4, 8)):
+            if M * bn * block_k <= 16384:
+                out.append(Config("gemv", triton.next_power_of_2(M), bn, block_k, warps, pdl=True))
+    if M >= 2:
+        for bn, warps, bk in itertools.product((16, 32), (4, 8), (256, 512, 1024)):
+            if bk <= block_k:
+                out.append(Config("gemv", 16, bn, bk, warps, pdl=True, dot=True))
+    return out
+
+
+CANDIDATES = {
+    "linear_residual": _linear_residual,
+    "rms_norm_linear": _rms_norm_gemv,
+    "rms_norm_swiglu": _rms_norm_gemv,
+}
+
+
+def _kernel_shape(fusion, ops, config) -> tuple[int, int]:
+    """(N, K) the kernel's table is keyed by: its weight's shape (the swiglu kernel: I, K)."""
+    weight = next(r for op in ops for r in op.reads if r.kind == "param" and len(r.dims) == 2)
+    from engine.program import dim
+
+    N, K = (dim(config, d) for d in weight.dims)
+    return (N // 2, K) if fusion.kernel == "rms_norm_swiglu" else (N, K)
+
+
+def tune_fusion(fusion, config, buckets, dtype, log) -> tuple[dict, dict, tuple[int, int]]:
+    with torch.device("meta"):
+        program = Qwen3ForCausalLM(config.replace(num_hidden_layers=1)).program()
+    ops = span_ops(program, fusion)
+    N, K = _kernel_shape(fusion, ops, config)
+    configs, timings = {}, {}
+    for M in buckets:
+        results = []
+        for cfg in CANDIDATES[fusion.kernel](M, N, K):
+            try:
+                with tuning.use_config(fusion.kernel, cfg):
+                    us = fused_us_per_call(fusion, program, config, M, dtype, reps=2, rounds=5)
+            except Exception as exc:  # e.g. out of shared memory: skip the candidate
+                log(f"  skip {cfg}: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}")
+                continue
+            results.append((us, cfg))
+            log(f"  {us:7.2f} us  {cfg}")
+        if not results:
+            log(f"{fusion.name} N={N} K={K} M={M}: no candidate ran")
+            continue
+        results.sort(key=lambda item: item[0])
+        final = []
+        for _, cfg in results[:4]:
+            with tuning.use_config(fusion.kernel, cfg):
+                final.append((fused_us_per_call(fusion, program, config, M, dtype), cfg))
+        final.sort(key=lambda item: item[0])
+        best_us, best = final[0]
+        with tuning.use_config(fusion.kernel, best):
+            bad = [r for r in check_fusion(fusion, program, config, M, dtype, "cuda") if not r.ok]
+        if bad:
+            raise RuntimeError(f"tuned config {best} fails numerics: {bad[0].summary()}")
+        configs[str(M)] = dataclasses.asdict(best)
+        timings[str(M)] = {"best_us": round(best_us, 3), "candidates": len(results)}
+        log(f"{fusion.name} N={N} K={K} M={M}: best {best_us:.2f} us {best}")
+    return configs, timings, (N, K)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=tuning.CONFIG_DIR)
+    p.add_argument("--fusions", nargs="*", default=[f.name for f in registry.all_fusions()])
+    p.add_argument("--sizes", nargs="*", default=["0.6b"], choices=list(QWEN3_SIZES))
+    p.add_argument("--buckets", nargs="*", type=int, default=[1, 8])
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("profiling.tune needs a CUDA GPU: tuned tables come from real runs")
+        return 2
+    dtype = getattr(torch, args.dtype)
+    for name in args.fusions:
+        fusion = registry.get(name)
+        if fusion.kernel not in CANDIDATES:
+            print(f"{name}: kernel {fusion.kernel} has no tuning candidates: skipped")
+            continue
+        for size in args.sizes:
+            configs, timings, (N, K) = tune_fusion(
+                fusion, qwen3_config(size), args.buckets, dtype, lambda s: print(s, flush=True)
+            )
+            path = args.out / fusion.kernel / f"{gpu_slug()}.json"
+            table = json.loads(path.read_text()) if path.exists() else {}
+            table.update(
+                gpu=gpu_name(),
+                gpu_slug=gpu_slug(),
+                torch=torch.__version__,
+                triton=triton.__version__,
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                method="median us per call, distinct weights chained in one CUDA graph",
+            )
+            key = f"{N}x{K}"
+            table.setdefault("configs", {}).setdefault(key, {}).setdefault(args.dtype, {})
+            table["configs"][key][args.dtype].update(configs)
+            table.setdefault("timings", {}).setdefault(key, {}).setdefault(args.dtype, {})
+            table["timings"][key][args.dtype].update(timings)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(table, indent=1) + "\n")
+            print(f"wrote {path} ({name}, {size})", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# One pass on a GPU machine: run the named steps in order, each under its own time limit, logs
+# and outputs under $OUT/pass/, all packed into $OUT/pass.tar.gz after every step (the device
+# tool brings back only a few files; a pass cut short keeps what it finished).
+#
+#   OUT=out FUSIONGUARD_COMMIT=<sha> bash scripts/gpu_pass.sh env check:120 record:200 proof:400
+#
+# Steps (NAME or NAME:SECONDS, default 300 s):
+#   env      GPU, driver, versions, commit          check    kernel numerics, quick (-x)
+#   suite    tox -e gpu's two pytest runs           record   python -m profiling record --force
+#   gate     python -m profiling gate               proof    planted regressions (scripts.gate_proof)
+#   ncu      scripts.ncu_nvtx_check                 report   python -m profiling (report folder)
+#   traces   scripts.capture_traces                 tune     python -m profiling.tune
+#   bench    python -m profiling bench --save
+set -uo pipefail
+OUT=${OUT:-out}
+STAGE="$OUT/pass"
+mkdir -p "$STAGE"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD MPLBACKEND=Agg
+# NVLink multicast stays off on every machine (shared GPUs): never let a library turn it on.
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+if ls .whl/*.whl >/dev/null 2>&1; then  # nvtx and friends are not on the runner: carried
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+GPUS=$(nvidia-smi -L 2>/dev/null | wc -l)
+pack() { tar -czf "$OUT/pass.tar.gz" -C "$OUT" pass; }
+step() {  # step NAME LIMIT CMD...: run CMD into $STAGE/NAME.log, print its tail
+  local name=$1 limit=$2; shift 2
+  echo "=== $name ($(date -u +%T), limit ${limit}s)"
+  local t0=$SECONDS
+  timeout "$limit" "$@" > "$STAGE/$name.log" 2>&1; local rc=$?
+  tail -n "${TAILN:-8}" "$STAGE/$name.log"
+  echo "=== $name rc=$rc in $((SECONDS - t0)) s"
+  pack
+  return $rc
+}
+for spec in "$@"; do
+  name=${spec%%:*}; limit=${spec#*:}; [ "$limit" = "$spec" ] && limit=300
+  case $name in
+    env) step env "$limit" bash -c 'date -u; nvidia-smi; python3 -c "import torch, triton; print(\"torch\", torch.__version__, \"triton\", triton.__version__)"; echo "commit ${FUSIONGUARD_COMMIT:-unknown}"; python3 -m pip list 2>/dev/null | grep -iE "^(nvtx|pytest|transformers) "' ;;
+    check) step check "$limit" python3 -m pytest -x -q -p no:cacheprovider -m "not bench and not timing" \
+        tests/test_linear_residual_numerics.py tests/test_rms_norm_linear_numerics.py \
+        tests/test_rms_norm_swiglu_numerics.py tests/test_registry.py ;;
+    suite) TAILN=15 step suite "$limit" bash -c 'python3 -m pytest -q -p no:cacheprovider -m "not bench and not timing" -n auto -rs && python3 -m pytest -q -p no:cacheprovider -m timing -rs' ;;
+    record) TAILN=40 step record "$limit" python3 -m profiling record --force
+            cp perf_baselines/*/baseline.json "$STAGE/" 2>/dev/null; pack ;;
+    gate) TAILN=20 step gate "$limit" python3 -m profiling gate --out "$STAGE/gate" ;;
+    proof) TAILN=25 step proof "$limit" python3 -m scripts.gate_proof --out "$STAGE/proof" \
+        --gpus $(seq 0 $((GPUS - 1))) ;;
+    ncu) TAILN=20 step ncu "$limit" python3 -m scripts.ncu_nvtx_check --out "$STAGE/ncu" ;;
+    report) TAILN=80 step report "$limit" python3 -m profiling --out "$STAGE/report" ;;
+    traces) step traces "$limit" python3 -m scripts.capture_traces --out "$STAGE/traces" ;;
+    tune) TAILN=30 step tune "$limit" python3 -m profiling.tune --out "$STAGE/configs" ;;
+    bench) TAILN=20 step bench "$limit" python3 -m profiling bench --save ;;
+    *) echo "unknown step $name"; exit 2 ;;
+  esac
+done
