@@ -66,9 +66,10 @@ def pytest_collection_modifyitems(config, items):
     )
     in_worker = os.environ.get("PYTEST_XDIST_WORKER") is not None
     for item in items:
-        if not HAS_GPU and "gpu" in item.keywords:
+        # markers, not keywords: a test id such as "bench" or "gpu" is no marker
+        if not HAS_GPU and item.get_closest_marker("gpu"):
             item.add_marker(skip_gpu)
-        elif in_worker and ("timing" in item.keywords or "bench" in item.keywords):
+        elif in_worker and (item.get_closest_marker("timing") or item.get_closest_marker("bench")):
             item.add_marker(skip_timing)
 
 

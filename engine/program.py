@@ -76,6 +76,14 @@ class Op:
     # Bytes the op reads beyond its roles' dims (the KV cache of attention):
     # extra_bytes(config, batch, context_len, itemsize)
     extra_bytes: Callable[..., int] | None = None
+    # The float64 formula with the rounding the fused kernels' contract keeps when this op's
+    # output is an intermediate of a span (the normalised input rounded to the input dtype as
+    # transformers does; the residual stream stored in it): fn64_rounded(dtype, **inputs).
+    fn64_rounded: Callable[..., torch.Tensor] | None = None
+    # How an error bound on its inputs carries to its output (float64):
+    # propagate(inputs, bounds) -> bound, where bounds maps input roles to elementwise bounds.
+    # None: by evaluating the op on inputs moved by the bound both ways (exact for adds).
+    propagate: Callable[..., torch.Tensor] | None = None
 
     def role(self, name: str) -> Role:
         return next(r for r in self.reads if r.name == name)
@@ -317,13 +325,22 @@ def run_unfused(ops: Sequence[Op], inputs: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
-def run_float64(ops: Sequence[Op], inputs: dict[str, Any]) -> dict[str, Any]:
-    """The span's formula in float64 on upcast inputs, with no intermediate rounding."""
+def run_float64(
+    ops: Sequence[Op], inputs: dict[str, Any], dtype: torch.dtype | None = None
+) -> dict[str, Any]:
+    """The span's formula in float64 on upcast inputs. With ``dtype``, the intermediates whose
+    rounding the fused kernels' contract keeps (``Op.fn64_rounded``) are rounded to it; every
+    other step is exact."""
     state = {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-    for op in ops:
+    for i, op in enumerate(ops):
         if op.fn64 is None:
             raise ProgramError(f"op {op.name!r} has no float64 formula: it cannot be in a span")
-        state[op.writes] = op.fn64(**{r.name: state[r.name] for r in op.reads})
+        args = {r.name: state[r.name] for r in op.reads}
+        intermediate = i < len(ops) - 1
+        if dtype is not None and intermediate and op.fn64_rounded is not None:
+            state[op.writes] = op.fn64_rounded(dtype, **args)
+        else:
+            state[op.writes] = op.fn64(**args)
     return state
 
 

@@ -77,9 +77,30 @@ def _rms_norm64(residual, norm_weight, eps):
     return norm_weight * residual * torch.rsqrt(residual.pow(2).mean(-1, keepdim=True) + eps)
 
 
+def _rms_norm64_rounded(dtype, residual, norm_weight, eps):
+    """transformers' rounding: the normalised value rounded, times the weight, rounded."""
+    normed = (residual * torch.rsqrt(residual.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
+    return (norm_weight.to(dtype).double() * normed.double()).to(dtype).double()
+
+
+def _add_rounded(dtype, residual, mlp_out):
+    """The residual stream is stored in the model's dtype."""
+    return (residual + mlp_out).to(dtype).double()
+
+
 def _silu_mul64(gate_up):
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def _silu_mul_bound(inputs, bounds):
+    """|d out/d gate| * bound(gate) + |d out/d up| * bound(up) (+ the product of the bounds):
+    gate and up may err in opposite directions, so no shared shift of both bounds them."""
+    gate, up = inputs["gate_up"].chunk(2, dim=-1)
+    d_gate, d_up = bounds["gate_up"].chunk(2, dim=-1)
+    s = torch.sigmoid(gate)
+    dsilu = s * (1 + gate * (1 - s))
+    return (up * dsilu).abs() * d_gate + (gate * s).abs() * d_up + d_gate * d_up
 
 
 def qwen3_ops(config: Qwen3Config) -> dict[str, Op]:
@@ -107,6 +128,7 @@ def qwen3_ops(config: Qwen3Config) -> dict[str, Op]:
             "normed",
             lambda residual, norm_weight, eps: rms_norm(residual, norm_weight, eps),
             _rms_norm64,
+            fn64_rounded=_rms_norm64_rounded,
             group="norm",
             out_dims=("hidden",),
         )
@@ -186,6 +208,7 @@ def qwen3_ops(config: Qwen3Config) -> dict[str, Op]:
             "residual",
             add_mlp_out,
             add_mlp_out,
+            fn64_rounded=_add_rounded,
             out_dims=("hidden",),
         ),
         norm("input_norm", "input_layernorm.weight"),
@@ -246,6 +269,7 @@ def qwen3_ops(config: Qwen3Config) -> dict[str, Op]:
             silu_mul,
             _silu_mul64,
             out_dims=("intermediate",),
+            propagate=_silu_mul_bound,
         ),
         linear(
             "down_proj",

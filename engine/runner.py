@@ -94,6 +94,17 @@ class Runner:
         self._next_position, self._batch_size = P, B
         return logits
 
+    def rewind(self, position: int) -> None:
+        """Continue the current sequences from ``position`` (<= where they are): the next
+        decoded token takes that position, overwriting the cache beyond it. Timing repeats
+        decode from the same context this way without a new prefill."""
+        if not 1 <= position <= self._next_position:
+            raise ValueError(
+                f"position {position} must be in 1..{self._next_position} (the current position)"
+            )
+        self.positions[: self._batch_size].fill_(position)
+        self._next_position = position
+
     @torch.inference_mode()
     def decode(self, token_ids: torch.Tensor) -> torch.Tensor:
         """One token per sequence [B] at each sequence's next position -> logits [B, V]."""

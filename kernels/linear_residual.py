@@ -26,6 +26,7 @@ dot is wrong: triton issue 11584).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -461,6 +462,24 @@ def _rows(t: torch.Tensor, name: str, width: int, *, writable: bool) -> torch.Te
         return t.reshape(-1, width)
 
 
+@contextlib.contextmanager
+def _float32_reductions():
+    matmul = torch.backends.cuda.matmul
+    saved = (
+        matmul.allow_fp16_reduced_precision_reduction,
+        matmul.allow_bf16_reduced_precision_reduction,
+    )
+    matmul.allow_fp16_reduced_precision_reduction = False
+    matmul.allow_bf16_reduced_precision_reduction = False
+    try:
+        yield
+    finally:
+        (
+            matmul.allow_fp16_reduced_precision_reduction,
+            matmul.allow_bf16_reduced_precision_reduction,
+        ) = saved
+
+
 def _check_32bit_indexing(**matrices: torch.Tensor) -> None:
     """Offsets are int32 in the kernel: every 2-D operand must span < 2**31 elements."""
     for name, t in matrices.items():
@@ -507,8 +526,11 @@ def _linear_residual(x, residual, weight, residual_weight, out, names) -> torch.
     M = x2.shape[0]
     cfg = select_config(M, N, K, x.dtype)
     if cfg.path == "cublas":
-        # beta * residual + x @ weight.T in cuBLAS's epilogue: one kernel, rounded once.
-        torch.addmm(r2, x2, weight.T, beta=residual_weight, out=o2)
+        # beta * residual + x @ weight.T in cuBLAS's epilogue: one kernel, rounded once. By
+        # default torch lets cuBLAS reduce split-K partials in fp16/bf16, which breaks
+        # "accumulated in float32" (seen on the H100: up to 10 ulps at K=1537): not here.
+        with _float32_reductions():
+            torch.addmm(r2, x2, weight.T, beta=residual_weight, out=o2)
         return out
     _check_32bit_indexing(**{names[0]: x2, names[1]: r2, names[2]: weight, "out": o2})
     plan = _plan(M, N, K, x.dtype, x.device, cfg)

@@ -14,7 +14,8 @@ without a CUDA GPU), 3 no usable baseline (missing, malformed, another GPU model
 model, plan or set of fusions). A baseline is validated before anything is measured; a missing
 baseline is never a pass (the report is still written, then exit 3).
 
-Without a GPU the report runs a 2-layer, hidden-64 model through the Triton interpreter:
+Without a GPU the report runs a small 2-layer, hidden-64 model (engine.config.SMALL) through
+the Triton interpreter:
 numerics, eager decode and a host-time breakdown (their timings mean nothing); launch counts,
 kernel timing and CUDA-graph decode need a GPU.
 """
@@ -37,29 +38,14 @@ from profiling.launches import TraceError
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_NO_BASELINE = 0, 1, 2, 3
 HAS_GPU = torch.cuda.is_available()
 CPU_NOTE = (
-    "No CUDA GPU: a 2-layer, hidden-64 model through the Triton interpreter. Its timings mean "
-    "nothing (the interpreter runs kernels in numpy); launch counts, kernel timing and "
-    "CUDA-graph decode need a GPU."
+    "No CUDA GPU: the small 2-layer, hidden-64 model through the Triton interpreter. Its "
+    "timings mean nothing (the interpreter runs kernels in numpy); launch counts, kernel "
+    "timing and CUDA-graph decode need a GPU."
 )
 
 
-def small_config():
-    """What the CPU runs: the default architecture shrunk until the interpreter is quick."""
-    from engine.config import default_config
-
-    return default_config().replace(
-        num_hidden_layers=2,
-        hidden_size=64,
-        intermediate_size=128,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=32,
-        vocab_size=512,
-    )
-
-
 def build_model(args):
-    from engine.config import default_config
+    from engine.config import default_config, small_config
     from profiling.gate import default_model
 
     config = small_config() if (args.small or not HAS_GPU) else default_config()

@@ -370,7 +370,11 @@ class LaunchCounts:
     @property
     def uniform(self) -> bool:
         """Every step launched the same: the per-step numbers are exact, not averages."""
-        return all(s == self.steps[0] for s in self.steps)
+
+        def counts(s: StepCounts):
+            return (s.kernels, s.memcpy, s.memset, s.ranges)
+
+        return all(counts(s) == counts(self.steps[0]) for s in self.steps)
 
     @property
     def replay_matches(self) -> bool | None:

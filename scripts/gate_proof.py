@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import itertools
 import json
 import os
 import queue
@@ -32,6 +33,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -173,11 +175,15 @@ def main(argv=None) -> int:
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
-    jobs = [(f"unchanged_{i + 1}", None) for i in range(args.runs)]
-    jobs += [(f"plant_{name}", name) for name in args.plants]
+    # Plants and unchanged runs alternate, so that a pass cut short has some of both.
+    unchanged = [(f"unchanged_{i + 1}", None) for i in range(args.runs)]
+    planted = [(f"plant_{name}", name) for name in args.plants]
+    jobs = [job for pair in itertools.zip_longest(planted, unchanged) for job in pair if job]
     free: queue.Queue[str] = queue.Queue()
     for gpu in args.gpus:
         free.put(gpu)
+    done: list[dict] = []
+    lock = threading.Lock()
 
     def job(label_name):
         gpu = free.get()
@@ -185,6 +191,9 @@ def main(argv=None) -> int:
             result = run_one(work, *label_name, gpu, out)
         finally:
             free.put(gpu)
+        with lock:  # written as it goes: a pass cut short keeps what finished
+            done.append(result)
+            (out / "proof.json").write_text(json.dumps({"results": done}, indent=1) + "\n")
         mark = "ok" if (result["exit"] == 0) == (result["plant"] is None) else "UNEXPECTED"
         print(
             f"{result['label']:24s} gpu {gpu}: {result['verdict']:5s} {mark:10s} "

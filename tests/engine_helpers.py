@@ -6,26 +6,12 @@ from pathlib import Path
 
 import torch
 
-import engine
+from engine import config as config_module
 from engine.config import Qwen3Config
-
-# Small enough for the Triton interpreter on 2 CPU cores, with every Qwen3 feature on:
-# GQA (2 q heads per KV head), q/k norm, RoPE, tied embeddings.
-SMALL = {
-    "hidden_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 16,
-    "intermediate_size": 128,
-    "vocab_size": 512,
-    "max_position_embeddings": 256,
-    "rope_theta": 10000.0,
-}
 
 
 def small_config(**changes) -> Qwen3Config:
-    return engine.default_config().replace(**{**SMALL, **changes})
+    return config_module.small_config(**changes)
 
 
 def hf_qwen3(config: Qwen3Config, *, dtype=torch.float32, device="cpu", perturb_norms=True):

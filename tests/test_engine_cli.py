@@ -121,10 +121,10 @@ def test_prompt_too_long_for_max_position_embeddings(tmp_path, capsys):
     assert f"{config}: max_position_embeddings is 64" in line
 
 
-def test_cache_positions_agree_with_the_runner():
+def test_cache_positions_agree_with_the_runner(device):
     """The CLI sizes the cache with cache_positions(); generate() needs exactly that many."""
-    model = engine.build(small_config(), dtype=torch.float32, device="cpu")
-    prompt = torch.randint(0, model.config.vocab_size, (1, 6))
+    model = engine.build(small_config(), dtype=torch.float32, device=device)
+    prompt = torch.randint(0, model.config.vocab_size, (1, 6), device=device)
     assert cache_positions(6, 3) == 8
     tokens = engine.Runner(model, max_seq_len=8).generate(prompt, 3)
     assert tokens.shape == (1, 3)

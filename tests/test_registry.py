@@ -147,7 +147,7 @@ def test_the_toy_is_counted_timed_gated_and_reported(toy):
         "default": False,
         "instances_per_step": model.config.num_hidden_layers,
         "fused_kernels": 1,
-        "unfused_kernels": 1,
+        "span_ops": 1,
         "alternatives": ["o_proj_residual"],
     }
     assert toy.name in measure.segment_names(model)

@@ -35,8 +35,8 @@ def test_settings_refuse_too_few_rounds():
         Settings(warmup=0)
 
 
-def test_interleaved_measurement_runs_every_variant_and_restores_the_flags():
-    model = engine.build(small_config(num_hidden_layers=2), dtype=torch.float32, device="cpu")
+def test_interleaved_measurement_runs_every_variant_and_restores_the_flags(device):
+    model = engine.build(small_config(num_hidden_layers=2), dtype=torch.float32, device=device)
     before = model.flags
     variants, pairings = variants_and_pairings()
     chosen = [v for v in variants if v.name in ("default", "none")]

@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+from engine.config import QWEN3_SIZES, qwen3_config
 from kernels import linear_residual as lr
 from kernels import tuning
 from kernels.runtime import gpu_slug
@@ -16,11 +17,10 @@ from kernels.runtime import gpu_slug
 KERNEL = "linear_residual"
 TABLES = sorted((tuning.CONFIG_DIR / KERNEL).glob("*.json"))
 # Qwen3 o_proj (N, K): hidden size x (heads x head_dim).
-QWEN3_O_PROJ_SHAPES = {
-    "qwen3-0.6b": (1024, 2048),
-    "qwen3-1.7b": (2048, 2048),
-    "qwen3-4b": (2560, 4096),
-    "qwen3-8b": (4096, 4096),
+QWEN3_O_PROJ_SHAPES = {  # o_proj's [N, K] = [hidden, heads * head_dim] per Qwen3 size
+    f"qwen3-{size}": (c.hidden_size, c.num_attention_heads * c.head_dim)
+    for size in QWEN3_SIZES
+    for c in [qwen3_config(size)]
 }
 
 
