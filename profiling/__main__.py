@@ -4,6 +4,9 @@
                                                   text, report.json, report.png, a trace
     python -m profiling gate                      the regression gate (what tox -e gpu runs)
     python -m profiling record [--force]          write perf_baselines/<gpu-slug>/baseline.json
+        [--processes N | --combine RUN.json ...]  from N runs in fresh processes (default 3),
+                                                  or from runs already measured
+    python -m profiling measure --out DIR         one run of the gate's stages (DIR/run.json)
     python -m profiling bench [--save] [-k ...]   pytest-benchmark kernel benchmarks vs the
                                                   saved run (other arguments go to pytest)
 
@@ -23,6 +26,7 @@ kernel timing and CUDA-graph decode need a GPU.
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import subprocess
 import sys
@@ -237,15 +241,56 @@ def cmd_gate(args) -> int:
     return EXIT_OK if result.ok else EXIT_FAIL
 
 
-def cmd_record(args) -> int:
+def _measure_run(args) -> dict:
     from profiling.gate import measure_gate_stages
 
-    if not _need_gpu("record"):
+    return measure_gate_stages(build_model(args), plan_from(args), seed=_seed(args))
+
+
+def cmd_measure(args) -> int:
+    if not _need_gpu("measure"):
         return EXIT_USAGE
-    model = build_model(args)
-    plan = plan_from(args)
-    current = measure_gate_stages(model, plan, seed=_seed(args))
-    bad = [r for r in current["numerics"] if not r["ok"]]
+    out = Path(args.out or "run")
+    out.mkdir(parents=True, exist_ok=True)
+    report.write_json(_measure_run(args), out / "run.json")
+    print(f"wrote {out / 'run.json'}")
+    return EXIT_OK
+
+
+def _runs_for_record(args) -> list[dict]:
+    """This process's run plus processes - 1 runs in fresh processes (a figure varies more
+    between processes than within one: the baseline's limits must see that)."""
+    import tempfile
+
+    runs = [_measure_run(args)]
+    passed = [a for a in ("--small",) if getattr(args, a[2:])]
+    for name in ("layers", "batches", "rounds", "prompt_len", "new_tokens"):
+        value = getattr(args, name)
+        if value is not None:
+            flag = "--" + name.replace("_", "-")
+            passed += [flag, *map(str, value if isinstance(value, list) else [value])]
+    for i in range(args.processes - 1):
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = [sys.executable, "-m", "profiling", "measure", "--out", tmp, *passed]
+            print(f"+ run {i + 2} of {args.processes}: {' '.join(cmd)}", flush=True)
+            if subprocess.run(cmd).returncode != 0:
+                raise RuntimeError(f"run {i + 2} of the record failed")
+            runs.append(json.loads((Path(tmp) / "run.json").read_text()))
+    return runs
+
+
+def cmd_record(args) -> int:
+    if args.combine:
+        try:
+            runs = [json.loads(Path(p).read_text()) for p in args.combine]
+        except (OSError, json.JSONDecodeError) as exc:
+            print(f"--combine: cannot read a run ({exc})", file=sys.stderr)
+            return EXIT_USAGE
+    elif not _need_gpu("record"):
+        return EXIT_USAGE
+    else:
+        runs = _runs_for_record(args)
+    bad = [r for run in runs for r in run.get("numerics", []) if not r["ok"]]
     if bad:
         print(f"numerics fail ({len(bad)} checks): nothing recorded", file=sys.stderr)
         for r in bad:
@@ -255,11 +300,13 @@ def cmd_record(args) -> int:
             )
         return EXIT_FAIL
     try:
+        current = baselines.combine_runs(runs)
         path, replaced = baselines.write_baseline(current, root=args.root, force=args.force)
     except BaselineError as exc:
         print(f"NOT RECORDED: {exc}", file=sys.stderr)
         return EXIT_NO_BASELINE
     print(report.text(current, None))
+    print(f"\nfrom {len(runs)} run(s) in separate processes")
     if replaced:
         print(f"\nreplaced the baseline of {replaced}")
     print(f"wrote {path}: commit it (git add {path})")
@@ -302,7 +349,10 @@ def _positive(text: str) -> int:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m profiling", description=__doc__.split("\n\n")[0])
     p.add_argument(
-        "command", nargs="?", default="report", choices=("report", "gate", "record", "bench")
+        "command",
+        nargs="?",
+        default="report",
+        choices=("report", "gate", "record", "measure", "bench"),
     )
     p.add_argument(
         "--out",
@@ -323,6 +373,20 @@ def parser() -> argparse.ArgumentParser:
         help="record: replace a baseline of another model, plan or set of fusions",
     )
     p.add_argument("--save", action="store_true", help="bench: save the run as the baseline")
+    p.add_argument(
+        "--processes",
+        type=_positive,
+        default=3,
+        help="record: runs in separate processes combined into the baseline (default 3)",
+    )
+    p.add_argument(
+        "--combine",
+        nargs="+",
+        default=None,
+        metavar="RUN.json",
+        help="record: build the baseline from runs already measured (measure or gate --out "
+        "files) instead of measuring",
+    )
     p.add_argument("pytest_args", nargs="*", default=[], help="bench: extra pytest arguments")
     return p
 
@@ -341,7 +405,13 @@ def main(argv: list[str] | None = None) -> int:
         p.error("gate measures what its baseline measured: --layers/--small/--batches do not apply")
     if args.out is None and args.command == "report":
         args.out = "report"
-    commands = {"report": cmd_report, "gate": cmd_gate, "record": cmd_record, "bench": cmd_bench}
+    commands = {
+        "report": cmd_report,
+        "gate": cmd_gate,
+        "record": cmd_record,
+        "measure": cmd_measure,
+        "bench": cmd_bench,
+    }
     try:
         return commands[args.command](args)
     except TraceError as exc:

@@ -16,9 +16,13 @@ process, and records the verdict (exit code), the failing checks and the time. P
 - ``fp32_tf32``        the kernel's float32 tl.dot in TF32 instead of IEEE float32
 - ``residual_dropped`` o_proj_residual leaves the residual out
 
-    python -m scripts.gate_proof --out proof --runs 10 --gpus 0 1   # ~10 min on two H100s
+    python -m scripts.gate_proof --out proof --runs 10 --gpus 0 1   # ~8 min on two H100s
+    python -m scripts.gate_proof --rejudge proof     # stored runs vs the current baseline
 
-With several GPUs, runs go to them in parallel, one gate per GPU at a time.
+With several GPUs, runs go to them in parallel, one gate per GPU at a time. ``--rejudge``
+judges the runs a proof stored (each run's gate.json) against the committed baseline again,
+without measuring: after a baseline is rebuilt, it shows what the stored runs would have got
+(in sample: those runs may be part of the new baseline; only a new proof is out of sample).
 """
 
 from __future__ import annotations
@@ -164,6 +168,44 @@ def run_one(work: Path, label: str, name: str | None, gpu: str, out: Path) -> di
     }
 
 
+def rejudge(folder: Path) -> int:
+    """Each stored run against the current baseline (timing checks that the run measured
+    twice are judged on the second measurement, as the gate did)."""
+    from profiling.baselines import compare, load_baseline
+
+    results = []
+    for path in sorted(folder.glob("*/gate.json")):
+        run = json.loads(path.read_text())
+        baseline = load_baseline(run["gpu_slug"])
+        run.pop("gate", None)
+        failing = {(c.stage, c.key) for c in compare(run, baseline).failures}
+        if "remeasured" in run:
+            again = {**run, **run["remeasured"]}
+            timing = {(c.stage, c.key) for c in compare(again, baseline).failures if c.timing}
+            failing = {f for f in failing if f[0] not in ("kernel_ratio", "tok_s", "speedup")}
+            failing |= timing
+        plant = None if path.parent.name.startswith("unchanged") else path.parent.name[6:]
+        results.append(
+            {
+                "label": path.parent.name,
+                "plant": plant,
+                "verdict": "FAIL" if failing else "PASS",
+                "failing": sorted(f"{s} {k}" for s, k in failing),
+            }
+        )
+        stages = sorted({f.split()[0] for f in results[-1]["failing"]})
+        print(f"{path.parent.name:24s} {results[-1]['verdict']}  {', '.join(stages)}")
+    (folder / "rejudged.json").write_text(json.dumps(results, indent=1) + "\n")
+    unchanged = [r for r in results if r["plant"] is None]
+    planted = [r for r in results if r["plant"] is not None]
+    passed = sum(r["verdict"] == "PASS" for r in unchanged)
+    failed = sum(r["verdict"] == "FAIL" for r in planted)
+    print(
+        f"rejudged: unchanged {passed}/{len(unchanged)} pass, plants {failed}/{len(planted)} fail"
+    )
+    return 0 if passed == len(unchanged) and failed == len(planted) else 1
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="proof")
@@ -171,7 +213,10 @@ def main(argv=None) -> int:
     p.add_argument("--plants", nargs="*", default=list(PLANTS), choices=list(PLANTS))
     p.add_argument("--gpus", nargs="+", default=["0"])
     p.add_argument("--work", default="/tmp/fusionguard-proof")
+    p.add_argument("--rejudge", type=Path, default=None, help="a proof folder to judge again")
     args = p.parse_args(argv)
+    if args.rejudge is not None:
+        return rejudge(args.rejudge)
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)

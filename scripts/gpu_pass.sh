@@ -7,7 +7,7 @@
 #
 # Steps (NAME or NAME:SECONDS, default 300 s):
 #   env      GPU, driver, versions, commit          check    kernel numerics, quick (-x)
-#   suite    tox -e gpu's two pytest runs           record   python -m profiling record --force
+#   suite    tox -e gpu's two pytest runs           record   profiling record --force --processes 3
 #   gate     python -m profiling gate               proof    planted regressions (scripts.gate_proof)
 #   ncu      scripts.ncu_nvtx_check                 report   python -m profiling (report folder)
 #   traces   scripts.capture_traces                 tune     python -m profiling.tune
@@ -43,7 +43,7 @@ for spec in "$@"; do
         tests/test_linear_residual_numerics.py tests/test_rms_norm_linear_numerics.py \
         tests/test_rms_norm_swiglu_numerics.py tests/test_registry.py ;;
     suite) TAILN=15 step suite "$limit" bash -c 'python3 -m pytest -q -p no:cacheprovider -m "not bench and not timing" -n auto -rs && python3 -m pytest -q -p no:cacheprovider -m timing -rs' ;;
-    record) TAILN=40 step record "$limit" python3 -m profiling record --force
+    record) TAILN=40 step record "$limit" python3 -m profiling record --force --processes 3
             cp perf_baselines/*/baseline.json "$STAGE/" 2>/dev/null; pack ;;
     gate) TAILN=20 step gate "$limit" python3 -m profiling gate --out "$STAGE/gate" ;;
     proof) TAILN=25 step proof "$limit" python3 -m scripts.gate_proof --out "$STAGE/proof" \

@@ -304,3 +304,50 @@ def test_unchanged_code_passes_the_gate():
         pytest.skip(str(exc))
     result, _ = run_gate(default_model(), stored, seed=0)
     assert result.ok, result.summary()
+
+
+# --------------------------------------------------------------------------------------------
+# Baselines from several processes
+# --------------------------------------------------------------------------------------------
+
+
+def test_combined_runs_take_medians_and_limits_follow_the_spread_across_processes(model):
+    from profiling.baselines import combine_runs
+
+    runs = [synthetic_report(seed=40 + i, model=model) for i in range(3)]
+    key = "o_proj_residual/m1/unfused"
+    for run, shift in zip(runs, (1.0, 1.03, 0.99), strict=True):  # one process 3% off
+        run["kernel_ratios"][key]["ratio"] *= shift
+    combined = combine_runs(runs)
+    ratios = [r["kernel_ratios"][key]["ratio"] for r in runs]
+    assert combined["kernel_ratios"][key]["ratio"] == sorted(ratios)[1]
+    assert combined["kernel_ratios"][key]["runs"] == ratios
+    one = make_baseline(runs[0])["kernel_ratios"][key]["tolerance"]
+    three = make_baseline(combined)["kernel_ratios"][key]["tolerance"]
+    assert one == baselines.KERNEL_RATIO_FLOOR < three <= baselines.KERNEL_RATIO_CAP
+    # Every run is within the combined limits.
+    assert all(r <= make_baseline(combined)["kernel_ratios"][key]["max"] for r in ratios)
+
+
+def test_runs_that_count_other_launches_are_not_combined(model):
+    from profiling.baselines import combine_runs
+
+    a = synthetic_report(seed=50, model=model)
+    b = synthetic_report(seed=51, model=model, extra_kernels={"o_proj_residual": 1})
+    with pytest.raises(BaselineMismatch, match="other launches"):
+        combine_runs([a, b])
+
+
+def test_record_combines_stored_runs_on_any_machine(model, tmp_path):
+    from profiling.__main__ import main
+
+    paths = []
+    for i in range(3):
+        path = tmp_path / f"run{i}.json"
+        path.write_text(json.dumps(synthetic_report(seed=60 + i, model=model)))
+        paths.append(str(path))
+    root = tmp_path / "baselines"
+    assert main(["record", "--combine", *paths, "--root", str(root)]) == 0
+    stored = load_baseline(H100[1], root=root)
+    assert len(stored["combined_runs"]) == 3
+    assert all(len(e["runs"]) == 3 for e in stored["kernel_ratios"].values())
