@@ -1,6 +1,6 @@
-"""Input checks shared by the small-op launchers (rms_norm, qk_norm_rope, silu_mul,
-decode_attention). Cheap on purpose: they run on every eager decode step, so they compare
-attributes and never touch tensor data (no host sync)."""
+"""Input checks and launch arithmetic shared by the kernels' launchers. Cheap on purpose: they
+run on every eager decode step, so they compare attributes and never touch tensor data (no
+host sync)."""
 
 from __future__ import annotations
 
@@ -68,3 +68,32 @@ def rows_view(name: str, t: torch.Tensor, width: int) -> torch.Tensor:
             f"{name} with shape {tuple(t.shape)} and strides {t.stride()} cannot be viewed as "
             f"[rows, {width}]: pass a tensor whose leading dims can be flattened"
         ) from None
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def memory_span(t: torch.Tensor) -> tuple[int, int]:
+    """[first byte, last byte + 1) that ``t`` may touch."""
+    if t.numel() == 0:
+        return (t.data_ptr(), t.data_ptr())
+    extent = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride(), strict=True))
+    return (t.data_ptr(), t.data_ptr() + (extent + 1) * t.element_size())
+
+
+def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    (a0, a1), (b0, b1) = memory_span(a), memory_span(b)
+    return a0 < b1 and b0 < a1
+
+
+def check_32bit_indexing(**matrices: torch.Tensor) -> None:
+    """Offsets are int32 in the kernels: every 2-D operand must span < 2**31 elements."""
+    for name, t in matrices.items():
+        (rows, cols), (row_stride, col_stride) = t.shape, t.stride()
+        if (rows - 1) * abs(row_stride) + (cols - 1) * abs(col_stride) >= 2**31:
+            raise ValueError(f"{name} spans more than 2**31 elements: 32-bit indexing overflows")

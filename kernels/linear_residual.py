@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from kernels import tuning
+from kernels.launch_checks import cdiv, check_32bit_indexing, next_pow2, overlaps
 from kernels.runtime import INTERPRETING, pdl_options, pdl_supported
 
 KERNEL = "linear_residual"
@@ -262,22 +263,14 @@ class Config:
         return cls(**data)
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
 def heuristic_config(M: int, N: int, K: int, dtype: torch.dtype) -> Config:
     """A sound configuration for any shape when no tuned one applies."""
-    k_pow2 = _next_pow2(K)
+    k_pow2 = next_pow2(K)
     bucket = tuning.m_bucket(M)
     if INTERPRETING:
         # The interpreter pays per program and per loop iteration: few, fat programs
         # (tiles stay under its 2**20-element limit).
-        block_n = min(256, _next_pow2(N))
+        block_n = min(256, next_pow2(N))
         if M <= 16:  # multiply-reduce: the [M, N, K] product is the big tile
             return Config(
                 "gemv", bucket, block_n, min(k_pow2, max(16, (1 << 20) // (bucket * block_n)))
@@ -291,11 +284,11 @@ def heuristic_config(M: int, N: int, K: int, dtype: torch.dtype) -> Config:
     if M <= 4:
         block_k = min(k_pow2, 2048)
         return Config(
-            "gemv", bucket, max(1, 8 // bucket), block_k, pdl=True, split_k=_cdiv(k_pow2, block_k)
+            "gemv", bucket, max(1, 8 // bucket), block_k, pdl=True, split_k=cdiv(k_pow2, block_k)
         )
     split_k = min(16, max(1, k_pow2 // 512))
     return Config(
-        "gemv", 16, 32, max(16, _cdiv(k_pow2, split_k)), pdl=True, split_k=split_k, dot=True
+        "gemv", 16, 32, max(16, cdiv(k_pow2, split_k)), pdl=True, split_k=split_k, dot=True
     )
 
 
@@ -323,9 +316,9 @@ class _Plan:
 @functools.lru_cache(maxsize=1024)
 def _plan(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device, cfg: Config) -> _Plan:
     use_pdl = cfg.pdl and pdl_supported(device)
-    n_tiles, m_tiles = _cdiv(N, cfg.BLOCK_N), _cdiv(M, cfg.BLOCK_M)
-    k_per_split = _cdiv(_cdiv(K, cfg.split_k), cfg.BLOCK_K) * cfg.BLOCK_K
-    split_k = _cdiv(K, k_per_split)  # no empty slices
+    n_tiles, m_tiles = cdiv(N, cfg.BLOCK_N), cdiv(M, cfg.BLOCK_M)
+    k_per_split = cdiv(cdiv(K, cfg.split_k), cfg.BLOCK_K) * cfg.BLOCK_K
+    split_k = cdiv(K, k_per_split)  # no empty slices
     constexprs = {
         "BLOCK_M": cfg.BLOCK_M,
         "BLOCK_N": cfg.BLOCK_N,
@@ -363,19 +356,6 @@ def _split_k_buffers(device: torch.device, tiles: int, per_tile: int):
 # --------------------------------------------------------------------------------------------
 # Launcher
 # --------------------------------------------------------------------------------------------
-
-
-def _memory_span(t: torch.Tensor) -> tuple[int, int]:
-    """[first byte, last byte + 1) that ``t`` may touch."""
-    if t.numel() == 0:
-        return (t.data_ptr(), t.data_ptr())
-    extent = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride(), strict=True))
-    return (t.data_ptr(), t.data_ptr() + (extent + 1) * t.element_size())
-
-
-def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
-    (a0, a1), (b0, b1) = _memory_span(a), _memory_span(b)
-    return a0 < b1 and b0 < a1
 
 
 def _check_inputs(x, residual, weight, residual_weight, out, names: tuple[str, str, str]) -> None:
@@ -435,10 +415,10 @@ def _check_inputs(x, residual, weight, residual_weight, out, names: tuple[str, s
         if 0 in out.stride() and out.numel() > 1:
             raise ValueError("out has a zero stride (an expanded tensor): rows would overlap")
         for name in (xn, wn):
-            if _overlaps(out, named[name]):
+            if overlaps(out, named[name]):
                 raise ValueError(f"out overlaps {name}: only out={rn} may alias an input")
         same_view = out.data_ptr() == residual.data_ptr() and out.stride() == residual.stride()
-        if _overlaps(out, residual) and not same_view:
+        if overlaps(out, residual) and not same_view:
             raise ValueError(f"out partially overlaps {rn}: pass out={rn} or a new tensor")
     if isinstance(residual_weight, bool) or not isinstance(residual_weight, numbers.Real):
         raise TypeError(
@@ -478,14 +458,6 @@ def _float32_reductions():
             matmul.allow_fp16_reduced_precision_reduction,
             matmul.allow_bf16_reduced_precision_reduction,
         ) = saved
-
-
-def _check_32bit_indexing(**matrices: torch.Tensor) -> None:
-    """Offsets are int32 in the kernel: every 2-D operand must span < 2**31 elements."""
-    for name, t in matrices.items():
-        (rows, cols), (row_stride, col_stride) = t.shape, t.stride()
-        if (rows - 1) * abs(row_stride) + (cols - 1) * abs(col_stride) >= 2**31:
-            raise ValueError(f"{name} spans more than 2**31 elements: 32-bit indexing overflows")
 
 
 def linear_residual(
@@ -532,7 +504,7 @@ def _linear_residual(x, residual, weight, residual_weight, out, names) -> torch.
         with _float32_reductions():
             torch.addmm(r2, x2, weight.T, beta=residual_weight, out=o2)
         return out
-    _check_32bit_indexing(**{names[0]: x2, names[1]: r2, names[2]: weight, "out": o2})
+    check_32bit_indexing(**{names[0]: x2, names[1]: r2, names[2]: weight, "out": o2})
     plan = _plan(M, N, K, x.dtype, x.device, cfg)
     partials, arrivals = _split_k_buffers(x.device, *plan.partials_size)
     _gemv_residual_kernel[plan.grid](

@@ -41,11 +41,16 @@ import triton.language as tl
 
 from kernels import tuning
 from kernels.launch_checks import (
+    cdiv,
+    check_32bit_indexing,
     check_runnable_device,
     check_same_dtype,
     check_tensor,
+    next_pow2,
+    overlaps,
     rows_view,
 )
+from kernels.linear_residual import _load_weight_tile, _mma
 from kernels.rms_norm import rms_norm, rms_norm_reference
 from kernels.runtime import INTERPRETING, pdl_options, pdl_supported
 
@@ -65,26 +70,6 @@ _INTERPRETER_MAX_TILE = 1 << 20
 # --------------------------------------------------------------------------------------------
 # Each helper has exactly one return, at its end: Triton 3.6 does not end a function at a
 # return inside a constexpr branch.
-
-
-@triton.jit
-def _load_weight_tile(w_ptr, offs_n, offs_k, N, K, stride_wn, stride_wk, USE_DOT: tl.constexpr):
-    """W[offs_n, offs_k]: as [BLOCK_K, BLOCK_N] (transposed) for tl.dot, else [BLOCK_N, BLOCK_K]."""
-    mask_n = offs_n < N
-    mask_k = offs_k < K
-    if USE_DOT:
-        w = tl.load(
-            w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-            mask=mask_k[:, None] & mask_n[None, :],
-            other=0.0,
-        )
-    else:
-        w = tl.load(
-            w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
-            mask=mask_n[:, None] & mask_k[None, :],
-            other=0.0,
-        )
-    return w
 
 
 @triton.jit
@@ -120,19 +105,6 @@ def _normalise(x, rstd, nw):
     weight in float32, rounded again. Returns the input dtype (the dot's operand)."""
     normed = (x * rstd[:, None]).to(nw.dtype).to(tl.float32)
     return (normed * nw.to(tl.float32)[None, :]).to(nw.dtype)
-
-
-@triton.jit
-def _mma(acc, a, b, UPCAST_DOT: tl.constexpr, IEEE_FP32: tl.constexpr):
-    """acc + a @ b on the tensor cores; fp32 exact (ieee), bf16/fp16 upcast when interpreted."""
-    if UPCAST_DOT:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    if IEEE_FP32:  # noqa: SIM108  (constexpr branch: only one dot is compiled)
-        acc = tl.dot(a, b, acc, input_precision="ieee")
-    else:
-        acc = tl.dot(a, b, acc)
-    return acc
 
 
 @triton.jit
@@ -255,23 +227,15 @@ class Config:
         return cls(**data)
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
 def _heuristic(M: int, N: int, K: int, dtype: torch.dtype, tiles: int) -> Config:
     """Heuristic for N output columns over K, with ``tiles`` weight tiles per program (the
     swiglu kernel holds a gate and an up tile)."""
-    k_pow2 = _next_pow2(K)
+    k_pow2 = next_pow2(K)
     bucket = tuning.m_bucket(M)
     if INTERPRETING:
         # The interpreter pays per program and per loop iteration, not per byte: few, fat
         # programs, K in one chunk where the tile limit allows.
-        block_n = min(256, _next_pow2(N))
+        block_n = min(256, next_pow2(N))
         if M <= GEMV_MAX_M:  # multiply-reduce: the [M, N, K] product is the big tile
             block_k = min(k_pow2, max(16, _INTERPRETER_MAX_TILE // (bucket * block_n)))
             return Config("gemv", bucket, block_n, block_k)
@@ -336,33 +300,12 @@ def _plan(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device, cfg:
         "USE_PDL": use_pdl,
     }
     options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, **pdl_options(use_pdl)}
-    return _Plan((_cdiv(N, cfg.BLOCK_N), _cdiv(M, cfg.BLOCK_M)), constexprs, options)
+    return _Plan((cdiv(N, cfg.BLOCK_N), cdiv(M, cfg.BLOCK_M)), constexprs, options)
 
 
 # --------------------------------------------------------------------------------------------
 # Launcher
 # --------------------------------------------------------------------------------------------
-
-
-def _memory_span(t: torch.Tensor) -> tuple[int, int]:
-    """[first byte, last byte + 1) that ``t`` may touch."""
-    if t.numel() == 0:
-        return (t.data_ptr(), t.data_ptr())
-    extent = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride(), strict=True))
-    return (t.data_ptr(), t.data_ptr() + (extent + 1) * t.element_size())
-
-
-def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
-    (a0, a1), (b0, b1) = _memory_span(a), _memory_span(b)
-    return a0 < b1 and b0 < a1
-
-
-def _check_32bit_indexing(**matrices: torch.Tensor) -> None:
-    """Offsets are int32 in the kernel: every 2-D operand must span < 2**31 elements."""
-    for name, t in matrices.items():
-        (rows, cols), (row_stride, col_stride) = t.shape, t.stride()
-        if (rows - 1) * abs(row_stride) + (cols - 1) * abs(col_stride) >= 2**31:
-            raise ValueError(f"{name} spans more than 2**31 elements: 32-bit indexing overflows")
 
 
 def _check_inputs(x, norm_weight, weight, eps, out, *, weight_name: str, gated: bool) -> int:
@@ -411,7 +354,7 @@ def _check_inputs(x, norm_weight, weight, eps, out, *, weight_name: str, gated: 
         if 0 in out.stride() and out.numel() > 1:
             raise ValueError("out has a zero stride (an expanded tensor): rows would overlap")
         for name, t in (("x", x), ("norm_weight", norm_weight), (wn, weight)):
-            if _overlaps(out, t):
+            if overlaps(out, t):
                 raise ValueError(f"out overlaps {name}: pass a new tensor")
     return n_out
 
@@ -456,7 +399,7 @@ def rms_norm_linear(
         normed = rms_norm(_unit_last(x2), _unit_last(norm_weight), eps)
         torch.mm(normed, weight.t(), out=o2)
         return out
-    _check_32bit_indexing(x=x2, weight=weight, out=o2)
+    check_32bit_indexing(x=x2, weight=weight, out=o2)
     plan = _plan(M, N, K, x.dtype, x.device, cfg)
     _rms_norm_linear_kernel[plan.grid](
         x2, norm_weight, weight, o2, M, N, K,

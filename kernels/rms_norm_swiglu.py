@@ -32,16 +32,15 @@ import triton
 import triton.language as tl
 
 from kernels import tuning
-from kernels.launch_checks import rows_view
+from kernels.launch_checks import check_32bit_indexing, rows_view
+from kernels.linear_residual import _load_weight_tile
 from kernels.rms_norm import rms_norm, rms_norm_reference
 from kernels.rms_norm_linear import (
     Config,
     _accumulate,
-    _check_32bit_indexing,
     _check_inputs,
     _heuristic,
     _load_norm_weight,
-    _load_weight_tile,
     _load_x,
     _normalise,
     _plan,
@@ -190,7 +189,7 @@ def rms_norm_swiglu(
         normed = rms_norm(_unit_last(x2), _unit_last(norm_weight), eps)
         silu_mul(F.linear(normed, weight), out=o2)
         return out
-    _check_32bit_indexing(x=x2, gate_up_weight=weight, out=o2)
+    check_32bit_indexing(x=x2, gate_up_weight=weight, out=o2)
     plan = _plan(M, I, K, x.dtype, x.device, cfg)
     _rms_norm_swiglu_kernel[plan.grid](
         x2, norm_weight, weight, o2, M, I, K,
