@@ -8,6 +8,10 @@ runs the registered fusions (engine/fusions.py) behind flags.
     tokens = runner.generate(prompt_ids, max_new_tokens=64)
     model.flags.o_proj_residual = False          # that step unfused, same weights
     model.flags = engine.FusionFlags.none()      # every step unfused
+
+Tensor parallel (one process per rank, e.g. under torchrun; engine/parallel.py)::
+
+    model = engine.build(parallel=engine.Parallel.from_group())   # this rank's shard
 """
 
 from __future__ import annotations
@@ -20,12 +24,14 @@ import torch
 from engine.config import Qwen3Config, UnsupportedConfigError, default_config
 from engine.flags import FusionFlags
 from engine.loader import CheckpointError, load_checkpoint, load_config, random_init
+from engine.parallel import Parallel, build_sharded
 from engine.qwen3 import Qwen3ForCausalLM
 from engine.runner import Runner
 
 __all__ = [
     "CheckpointError",
     "FusionFlags",
+    "Parallel",
     "Qwen3Config",
     "Qwen3ForCausalLM",
     "Runner",
@@ -55,6 +61,7 @@ def build(
     device: torch.device | str | None = None,
     seed: int = 0,
     flags: FusionFlags | str | None = None,
+    parallel: Parallel | None = None,
 ) -> Qwen3ForCausalLM:
     """A ready Qwen3ForCausalLM in eval mode, without gradients.
 
@@ -62,7 +69,10 @@ def build(
     checkpoint is given, else the embedded Qwen3-0.6B default). checkpoint: a local HF folder
     with *.safetensors; without it the weights are random (seeded). device: None picks cuda
     when available, else cpu. flags: the fusions to run (a FusionFlags, or "default", "none",
-    "name,name"); None is the default set.
+    "name,name"); None is the default set. parallel: this process's tensor-parallel rank
+    (engine.parallel.Parallel); with world size > 1 the model is that rank's shard
+    (engine.parallel.ShardedQwen3ForCausalLM: the same weights as with world size 1, sliced),
+    and None or "default" flags mean the default fusions that apply under tensor parallelism.
     """
     if checkpoint is not None:
         checkpoint_config = load_config(checkpoint)
@@ -74,6 +84,10 @@ def build(
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise TypeError(f"dtype must be bfloat16, float16 or float32, got {dtype}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if parallel is not None and parallel.sharded:
+        return build_sharded(
+            config, checkpoint, parallel, dtype=dtype, device=device, seed=seed, flags=flags
+        )
     # Built on the meta device, then allocated once in the target dtype: no throwaway init
     # of 0.6B parameters on the CPU.
     with _default_dtype(dtype), torch.device("meta"):

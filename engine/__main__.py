@@ -5,10 +5,17 @@ checkpoint, and print decode tokens/s.
     python -m engine --fusions none --cuda-graph    # every step unfused, CUDA graphs
     python -m engine --fusions o_proj_residual,add_rms_norm
     python -m engine --config small.json            # a smaller architecture (CPU)
+    torchrun --nproc-per-node 2 -m engine --tp 2    # tensor parallel over 2 processes
 
-Exit codes: 0 ok, 2 user error (bad argument, config or checkpoint). A user error prints one
-line ``error: <message>`` naming the argument, field or file, without a traceback; --debug
-re-raises it with its traceback. Any other exception is a bug and raises as usual.
+Exit codes: 0 ok, 2 user error (bad argument, config or checkpoint; a --tp that does not divide
+the heads or the MLP, or that is not the world size). A user error prints one line
+``error: <message>`` naming the argument, field or file, without a traceback; --debug re-raises
+it with its traceback. Any other exception is a bug and raises as usual.
+
+With --tp N (under torchrun: WORLD_SIZE, RANK, LOCAL_RANK from its environment) each process
+runs one rank's shard (engine/parallel.py): gloo on CPU, nccl on CUDA (one GPU per rank).
+Only rank 0 prints; every rank checks the same inputs, so its errors are everyone's. The exit
+codes above are each process's; torchrun itself exits 1 when any rank fails.
 """
 
 from __future__ import annotations
@@ -19,9 +26,12 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
 
 import engine
 from engine import fusions as registry
+from engine import parallel as tp
+from engine.config import Qwen3Config
 
 
 def _parse(argv):
@@ -32,7 +42,9 @@ def _parse(argv):
         "--fusions",
         default="default",
         help="fusions to run: 'default', 'none' or comma-separated names "
-        f"(registered: {', '.join(f.name for f in registry.all_fusions())})",
+        f"(registered: {', '.join(f.name for f in registry.all_fusions())}; with --tp > 1 "
+        f"also {', '.join(f.name for f in tp.TP_FUSIONS)}, and not "
+        "o_proj_residual, down_proj_residual)",
     )
     p.add_argument("--cuda-graph", action="store_true", help="replay decode as CUDA graphs")
     p.add_argument("--prompt-len", type=int, default=32)
@@ -40,11 +52,17 @@ def _parse(argv):
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--tp",
+        type=int,
+        default=1,
+        help="tensor-parallel size: run under torchrun --nproc-per-node N (default 1)",
+    )
     p.add_argument("--debug", action="store_true", help="show the traceback of a user error")
     args = p.parse_args(argv)
     # Checked before anything is built: a bad size would otherwise fail much later with a
     # message about the cache (max_seq_len), which is no option of this command.
-    for option in ("--prompt-len", "--max-new-tokens", "--batch-size"):
+    for option in ("--prompt-len", "--max-new-tokens", "--batch-size", "--tp"):
         value = getattr(args, option.removeprefix("--").replace("-", "_"))
         if value < 1:
             p.error(f"argument {option}: must be an integer >= 1, got {value}")
@@ -56,17 +74,24 @@ def _parse(argv):
 # and sizing the cache (see main), so a ValueError from a bug in generation keeps its traceback.
 USER_ERRORS = (OSError, ValueError)
 EXIT_USER_ERROR = 2
+QUIET_RANK_EXIT_DELAY_S = 2.0
 
 
 @contextlib.contextmanager
-def _user_errors(debug: bool):
-    """Turn a user error into ``error: <message>`` on stderr and exit 2 (--debug: re-raise)."""
+def _user_errors(debug: bool, rank: int = 0):
+    """Turn a user error into ``error: <message>`` on stderr and exit 2 (--debug: re-raise).
+    Under tensor parallelism only rank 0 prints it (every rank checks the same inputs)."""
     try:
         yield
     except USER_ERRORS as exc:
         if debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        if rank == 0:
+            print(f"error: {exc}", file=sys.stderr)
+        else:
+            # torchrun stops the other ranks when the first one exits: leave rank 0, which
+            # fails the same check, the time to print it.
+            time.sleep(QUIET_RANK_EXIT_DELAY_S)
         raise SystemExit(EXIT_USER_ERROR) from None
 
 
@@ -76,23 +101,64 @@ def cache_positions(prompt_len: int, max_new_tokens: int) -> int:
     return prompt_len + max_new_tokens - 1
 
 
+def _config(args) -> Qwen3Config:
+    """The architecture engine.build will use (read early under --tp: the layout check)."""
+    if args.config is not None:
+        return Qwen3Config.from_hf_json(args.config)
+    if args.checkpoint is not None:
+        return engine.load_config(args.checkpoint)
+    return engine.default_config()
+
+
+def _start_parallel(args) -> tuple[tp.Parallel, torch.device | None]:
+    """--tp 1 without torchrun: one process, as without tensor parallelism. Otherwise the
+    layout is checked against the config (naming the field), --tp against WORLD_SIZE, and
+    this process joins the group."""
+    world_size = tp.world_size_from_env()
+    if args.tp == 1 and world_size == 1:
+        return tp.Parallel.single(), None
+    tp.check_layout(_config(args), args.tp)
+    tp.check_world_size(args.tp, world_size)
+    return tp.init_distributed(args.tp)
+
+
 def main(argv=None) -> int:
     args = _parse(argv)
+    with _user_errors(args.debug):
+        launched = args.tp > 1 or tp.world_size_from_env() > 1
+        rank = tp.rank_from_env() if launched else 0
+    with _user_errors(args.debug, rank):
+        parallel, device = _start_parallel(args)
+    try:
+        return _generate(args, parallel, device)
+    finally:
+        if parallel.sharded and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _generate(args, parallel: tp.Parallel, device: torch.device | None) -> int:
     on_gpu = torch.cuda.is_available()
+    # Only rank 0 speaks (stdout, notes, progress bar).
+    say = print if parallel.rank == 0 else (lambda *a, **k: None)
     if not on_gpu:
-        print(
+        say(
             "No CUDA GPU: Triton kernels run through the interpreter, "
             "which is slow; the 0.6B default takes minutes per token here. For a quick run use "
             "a small architecture: --config path/to/small_config.json (an HF Qwen3 config.json).",
             file=sys.stderr,
         )
-    with _user_errors(args.debug):
+    with _user_errors(args.debug, parallel.rank):
+        # TP: the flags are parsed after the TP-only fusions are registered, and "default" is
+        # the default set that applies under TP.
+        flags = args.fusions if parallel.sharded else engine.FusionFlags.parse(args.fusions)
         model = engine.build(
             args.config,
             args.checkpoint,
             dtype=getattr(torch, args.dtype),
+            device=device,
             seed=args.seed,
-            flags=engine.FusionFlags.parse(args.fusions),
+            flags=flags,
+            parallel=parallel,
         )
         c = model.config
         max_seq_len = cache_positions(args.prompt_len, args.max_new_tokens)
@@ -118,10 +184,21 @@ def main(argv=None) -> int:
     )
     fusions = ", ".join(model.flags.key()) or "none"
     mode = f"fusions: {fusions}; {'cuda-graph' if args.cuda_graph else 'eager'}"
-    print(
-        f"Qwen3 {c.num_hidden_layers} layers, hidden {c.hidden_size}, {args.dtype}, "
-        f"{model.device} ({mode}), batch {args.batch_size}, prompt {args.prompt_len}"
-    )
+    if parallel.sharded:
+        dist.broadcast(prompt, src=0)  # every rank decodes the same prompt
+        full = model.full_config
+        mode += f"; tensor parallel {parallel.world_size} ranks ({dist.get_backend()})"
+        if model.not_applicable:
+            mode += f", not applicable: {', '.join(model.not_applicable)}"
+        say(
+            f"Qwen3 {full.num_hidden_layers} layers, hidden {full.hidden_size}, {args.dtype}, "
+            f"{model.device} ({mode}), batch {args.batch_size}, prompt {args.prompt_len}"
+        )
+    else:
+        say(
+            f"Qwen3 {c.num_hidden_layers} layers, hidden {c.hidden_size}, {args.dtype}, "
+            f"{model.device} ({mode}), batch {args.batch_size}, prompt {args.prompt_len}"
+        )
     # Time prefill and decode apart: prefill, then decode the remaining tokens.
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     sync()
@@ -134,13 +211,14 @@ def main(argv=None) -> int:
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
-    for _ in tqdm(range(decode_steps), unit="tok", desc="decode"):
+    steps = tqdm(range(decode_steps), unit="tok", desc="decode", disable=parallel.rank != 0)
+    for _ in steps:
         token = runner.decode(token).argmax(-1)
     sync()
     decode_s = time.perf_counter() - start
-    print(f"prefill: {args.batch_size * args.prompt_len / prefill_s:.1f} tok/s ({prefill_s:.3f} s)")
+    say(f"prefill: {args.batch_size * args.prompt_len / prefill_s:.1f} tok/s ({prefill_s:.3f} s)")
     if decode_steps > 0:
-        print(
+        say(
             f"decode: {decode_steps * args.batch_size / decode_s:.1f} tok/s "
             f"({1e3 * decode_s / decode_steps:.2f} ms/step, first step includes "
             f"{'graph capture and ' if args.cuda_graph else ''}warm-up)"

@@ -98,13 +98,19 @@ def load_config(directory: str | Path) -> Qwen3Config:
 
 
 @torch.no_grad()
-def load_checkpoint(model: torch.nn.Module, directory: str | Path) -> torch.nn.Module:
+def load_checkpoint(
+    model: torch.nn.Module, directory: str | Path, *, shard=None
+) -> torch.nn.Module:
     """Copy a Hugging Face Qwen3 checkpoint into ``model`` (a Qwen3ForCausalLM).
 
     Accepts one or several ``*.safetensors`` files (with ``model.safetensors.index.json`` when
     sharded). With tied embeddings ``lm_head.weight`` is normally absent (the LM head is the
     embedding); if present it is skipped. Raises CheckpointError naming the tensor and file for
     a missing, unexpected, wrongly shaped or wrongly typed tensor.
+
+    ``shard``: a tensor-parallel rank's layout (engine.parallel.Parallel): each full tensor is
+    checked against ``shard.full_shape(name, local shape)``, then ``shard.take(name, tensor)``
+    (the rank's part) is copied into the rank's model.
     """
     files = checkpoint_files(directory)
     targets = model.hf_weight_map()
@@ -125,6 +131,10 @@ def load_checkpoint(model: torch.nn.Module, directory: str | Path) -> torch.nn.M
                         f"tensor {name!r} appears in both {loaded[name]} and {path}"
                     )
                 tensor = _get_tensor(f, name, path)
+                if shard is not None:
+                    full = shard.full_shape(name, tuple(targets[name].shape))
+                    _check_shape(tensor, full, name, path)
+                    tensor = shard.take(name, tensor)
                 _copy_checked(targets[name], tensor, name, path)
                 loaded[name] = path
     missing = [name for name in targets if name not in loaded]
@@ -136,12 +146,16 @@ def load_checkpoint(model: torch.nn.Module, directory: str | Path) -> torch.nn.M
     return model
 
 
-def _copy_checked(target: torch.Tensor, tensor: torch.Tensor, name: str, path: Path) -> None:
-    if tuple(tensor.shape) != tuple(target.shape):
+def _check_shape(tensor: torch.Tensor, shape: tuple, name: str, path: Path) -> None:
+    if tuple(tensor.shape) != tuple(shape):
         raise CheckpointError(
             f"tensor {name!r} in {path} has shape {tuple(tensor.shape)}; the config needs "
-            f"{tuple(target.shape)}"
+            f"{tuple(shape)}"
         )
+
+
+def _copy_checked(target: torch.Tensor, tensor: torch.Tensor, name: str, path: Path) -> None:
+    _check_shape(tensor, tuple(target.shape), name, path)
     if tensor.dtype not in LOADABLE_DTYPES:
         raise CheckpointError(
             f"tensor {name!r} in {path} has dtype {tensor.dtype}; loadable: bfloat16, float16, "

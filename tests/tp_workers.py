@@ -1,0 +1,170 @@
+"""Tensor-parallel ranks for the tests: ``run_ranks`` spawns one process per rank
+(torch.multiprocessing), joins them in a process group (gloo on CPU, nccl on CUDA) through a
+file in the test's tmp_path, runs a worker below on each and returns each rank's result (a dict
+of tensors and strings, saved by the rank and loaded here). A failing rank fails the test with
+its traceback; the others are stopped; a rank that waits on a dead peer gives up after
+``TIMEOUT_S``.
+
+Workers run in fresh processes: they import only what they need, and everything they get is
+picklable (configs, tensors, strings).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+TIMEOUT_S = 60
+
+
+def _entry(rank, world_size, backend, out_dir, worker, args):
+    device = None
+    if backend == "nccl":
+        device = torch.device("cuda", rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group(
+        backend,
+        init_method=f"file://{out_dir / 'rendezvous'}",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=TIMEOUT_S),
+        device_id=device,
+    )
+    try:
+        from engine.parallel import Parallel
+
+        result = worker(Parallel.from_group(), device or torch.device("cpu"), *args)
+        torch.save(result, out_dir / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(worker, tmp_path: Path, *args, world_size: int = 2, backend: str = "gloo"):
+    """``worker(parallel, device, *args)`` on ``world_size`` ranks -> each rank's result."""
+    out_dir = Path(tmp_path) / f"ranks-{worker.__name__}"
+    out_dir.mkdir(parents=True)
+    mp.spawn(_entry, args=(world_size, backend, out_dir, worker, args), nprocs=world_size)
+    return [torch.load(out_dir / f"rank{r}.pt") for r in range(world_size)]
+
+
+# --------------------------------------------------------------------------------------------
+# Workers
+# --------------------------------------------------------------------------------------------
+
+
+def _greedy(model, prompt, steps, *, cuda_graph=False):
+    """Greedy generation: tokens [B, steps] and every step's logits [B, steps, V] (fp32)."""
+    import engine
+
+    runner = engine.Runner(
+        model, max_batch_size=prompt.shape[0], max_seq_len=64, cuda_graph=cuda_graph
+    )
+    logits = [runner.prefill(prompt.to(model.device)).float()]
+    tokens = [logits[-1].argmax(-1)]
+    for _ in range(steps - 1):
+        logits.append(runner.decode(tokens[-1]).float())
+        tokens.append(logits[-1].argmax(-1))
+    return torch.stack(tokens, 1).cpu(), torch.stack(logits, 1).cpu()
+
+
+def _drop_all_reduces(model) -> None:
+    """A planted bug: every all-reduce returns this rank's partial sum unchanged."""
+    for name in ("o_proj_all_reduce", "down_proj_all_reduce"):
+        op = model.ops[name]
+        tensor = op.writes
+        model.ops[name] = dataclasses.replace(op, fn=lambda group, _t=tensor, **kw: kw[_t])
+    model._segments.clear()
+
+
+def generate(parallel, device, config, prompt, steps, runs, dtype=torch.float32, seed=0):
+    """For each (name, flags, planted) in ``runs``: this rank's model (random weights, seed)
+    with those flags, greedy tokens and logits, the segments it ran, the warnings raised."""
+    import engine
+
+    out = {}
+    for name, flags, planted in runs:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = engine.build(
+                config, dtype=dtype, device=device, seed=seed, flags=flags, parallel=parallel
+            )
+            if planted:
+                _drop_all_reduces(model)
+            tokens, logits = _greedy(model, prompt, steps)
+        out[name] = {
+            "tokens": tokens,
+            "logits": logits,
+            "flags": ",".join(model.flags.key()),
+            "segments": ",".join(s.name for s in model.segments()),
+            "not_applicable": ",".join(model.not_applicable),
+            "warnings": "\n".join(str(w.message) for w in caught),
+        }
+    return out
+
+
+def load_sharded(parallel, device, checkpoint, prompt, steps):
+    """This rank's shard of a checkpoint: its logits, its layer-0 weights; and the logits when
+    every rank loads rank 0's part (a planted bug: rank 1 then holds rank 0's heads)."""
+    import engine
+    from engine.parallel import Parallel, load_checkpoint_sharded
+
+    model = engine.build(
+        checkpoint=checkpoint, dtype=torch.float32, device=device, flags="none", parallel=parallel
+    )
+    tokens, logits = _greedy(model, prompt, steps)
+    layer = model.model.layers[0]
+    weights = {
+        "qkv": layer.self_attn.qkv_proj.weight.clone(),
+        "o_proj": layer.self_attn.o_proj.weight.clone(),
+        "gate_up": layer.mlp.gate_up_proj.weight.clone(),
+        "down_proj": layer.mlp.down_proj.weight.clone(),
+        "q_norm": layer.self_attn.q_norm.weight.clone(),
+    }
+    load_checkpoint_sharded(model, checkpoint, layout=Parallel(0, parallel.world_size))
+    _, wrong = _greedy(model, prompt, steps)
+    return {"tokens": tokens, "logits": logits, "weights": weights, "wrong_part": wrong}
+
+
+def all_reduce_residual_paths(parallel, device, rows, hidden, dtype=torch.float32):
+    """The kernel file's three forms on this rank's partial: the torch reference, the gathered
+    float64 reference, and what the fused launcher does here (its result or its error)."""
+    from kernels import all_reduce_residual as ar
+
+    g = torch.Generator(device="cpu").manual_seed(1234 + parallel.rank)
+    x = torch.randn(rows, hidden, generator=g).to(device, dtype)
+    residual = torch.randn(rows, hidden, generator=torch.Generator().manual_seed(7)).to(
+        device, dtype
+    )
+    exact = ar.gathered_float64_reference(x, residual)
+    unfused = ar.reference(x.clone(), residual.clone())
+    out = {"x": x.cpu(), "residual": residual.cpu(), "exact": exact.cpu(), "unfused": unfused.cpu()}
+    reason = ar.unavailable_reason(device)
+    out["reason"] = reason or ""
+    try:
+        out["fused"] = ar.all_reduce_residual(x.clone(), residual.clone()).cpu()
+    except RuntimeError as exc:
+        out["error"] = str(exc)
+    return out
+
+
+def cuda_graph_decode(parallel, device, config, prompt, steps, flags):
+    """GPU: this rank's decode eager and replayed from CUDA graphs (NCCL all-reduces captured)."""
+    import engine
+
+    model = engine.build(
+        config, dtype=torch.bfloat16, device=device, flags=flags, parallel=parallel
+    )
+    eager_tokens, eager = _greedy(model, prompt, steps)
+    graph_tokens, graphed = _greedy(model, prompt, steps, cuda_graph=True)
+    return {
+        "eager": eager,
+        "graphed": graphed,
+        "eager_tokens": eager_tokens,
+        "tokens": graph_tokens,
+    }
