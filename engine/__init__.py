@@ -16,7 +16,6 @@ Tensor parallel (one process per rank, e.g. under torchrun; engine/parallel.py):
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import torch
@@ -25,7 +24,7 @@ from engine.config import Qwen3Config, UnsupportedConfigError, default_config
 from engine.flags import FusionFlags
 from engine.loader import CheckpointError, load_checkpoint, load_config, random_init
 from engine.parallel import Parallel, build_sharded
-from engine.qwen3 import Qwen3ForCausalLM
+from engine.qwen3 import Qwen3ForCausalLM, on_meta
 from engine.runner import Runner
 
 __all__ = [
@@ -41,16 +40,6 @@ __all__ = [
     "load_checkpoint",
     "random_init",
 ]
-
-
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype):
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
 
 
 def build(
@@ -88,18 +77,13 @@ def build(
         return build_sharded(
             config, checkpoint, parallel, dtype=dtype, device=device, seed=seed, flags=flags
         )
-    # Built on the meta device, then allocated once in the target dtype: no throwaway init
-    # of 0.6B parameters on the CPU.
-    with _default_dtype(dtype), torch.device("meta"):
-        if flags is None:
-            flags = FusionFlags.default()
-        elif isinstance(flags, str):
-            flags = FusionFlags.parse(flags)
+    if flags is None:
+        flags = FusionFlags.default()
+    elif isinstance(flags, str):
+        flags = FusionFlags.parse(flags)
+    with on_meta(dtype):
         model = Qwen3ForCausalLM(config, flags)
-    model.to_empty(device=device)
-    model.tie_weights()
-    model.reset_rope()
-    model.requires_grad_(False)
+    model.allocate(device)
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
     else:

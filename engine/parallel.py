@@ -41,7 +41,6 @@ TORCH_SYMM_MEM_DISABLE_MULTICAST=1 and NVSHMEM_DISABLE_NVLS=1, before any proces
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
 import os
@@ -57,7 +56,7 @@ from engine.config import Qwen3Config
 from engine.flags import FusionFlags
 from engine.loader import load_checkpoint, random_init
 from engine.program import ACT, PARAM, BoundOp, Fusion, Op, Role, segments, span_instances
-from engine.qwen3 import Qwen3ForCausalLM
+from engine.qwen3 import Qwen3ForCausalLM, on_meta
 from kernels import all_reduce_residual as ar
 
 NO_MULTICAST = {
@@ -399,24 +398,6 @@ class ShardedQwen3ForCausalLM(Qwen3ForCausalLM):
 # --------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype):
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
-def _allocate(model: Qwen3ForCausalLM, device: torch.device) -> Qwen3ForCausalLM:
-    model.to_empty(device=device)
-    model.tie_weights()
-    model.reset_rope()
-    model.requires_grad_(False)
-    return model
-
-
 @torch.no_grad()
 def random_init_sharded(
     model: ShardedQwen3ForCausalLM, seed: int = 0, layout: Parallel | None = None
@@ -424,9 +405,9 @@ def random_init_sharded(
     """The single-process model's random weights (same seed, same device: engine.build's
     draw), sliced to this rank: the full model is drawn, then each rank keeps its part."""
     layout = layout or model.parallel
-    with _default_dtype(model.dtype), torch.device("meta"):
+    with on_meta(model.dtype):
         full = Qwen3ForCausalLM(model.full_config, FusionFlags.none())
-    random_init(_allocate(full, model.device), seed)
+    random_init(full.allocate(model.device), seed)
     full_weights = full.hf_weight_map()
     for name, target in model.hf_weight_map().items():
         target.copy_(layout.take(name, full_weights[name]))
@@ -457,13 +438,13 @@ def build_sharded(
     the default fusions that apply under TP; anything else is checked (NotApplicable)."""
     parallel.check(config)
     register_tp_fusions()
-    with _default_dtype(dtype), torch.device("meta"):
+    with on_meta(dtype):
         model = ShardedQwen3ForCausalLM(config, parallel)
     if isinstance(flags, str):
         flags = None if flags.strip() == "default" else FusionFlags.parse(flags)
     if flags is not None:
         model.flags = flags
-    _allocate(model, device)
+    model.allocate(device)
     if checkpoint is not None:
         load_checkpoint_sharded(model, checkpoint)
     else:

@@ -22,7 +22,9 @@ fused and unfused paths share the same weights and switch at run time.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -347,6 +349,19 @@ class Qwen3Model(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
+@contextlib.contextmanager
+def on_meta(dtype: torch.dtype) -> Iterator[None]:
+    """Build modules on the meta device with ``dtype`` as the default (then ``allocate``
+    them once: no throwaway initialisation of 0.6B parameters on the CPU)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 class Qwen3ForCausalLM(nn.Module):
     """Weights in the engine's layout (merged qkv and gate_up); ``hf_weight_map`` names them
     in the Hugging Face checkpoint layout for the loader. ``flags`` chooses the fusions."""
@@ -384,6 +399,15 @@ class Qwen3ForCausalLM(nn.Module):
                 self.program(), self.flags.fusions(), self.config, returns=("logits",)
             )
         return self._segments[key]
+
+    def allocate(self, device: torch.device) -> Qwen3ForCausalLM:
+        """Storage on ``device`` for a model built on the meta device (values undefined until
+        loaded or drawn), tied, RoPE tables computed, no gradients."""
+        self.to_empty(device=device)
+        self.tie_weights()
+        self.reset_rope()
+        self.requires_grad_(False)
+        return self
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
