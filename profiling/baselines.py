@@ -85,7 +85,7 @@ def baseline_path(slug: str | None = None, root: str | Path = BASELINE_ROOT) -> 
 # --------------------------------------------------------------------------------------------
 
 
-def _mad_rel(values) -> float:
+def mad_rel(values) -> float:
     med = statistics.median(values)
     return statistics.median(abs(x - med) for x in values) / med
 
@@ -106,13 +106,13 @@ def _across(entry: dict, *, relative: bool) -> float:
 
 
 def ratio_limit(entry: dict) -> dict:
-    spread = max(4 * _mad_rel(entry["rounds"]), _across(entry, relative=True))
+    spread = max(4 * mad_rel(entry["rounds"]), _across(entry, relative=True))
     tol = min(KERNEL_RATIO_CAP, max(KERNEL_RATIO_FLOOR, spread))
     return {"tolerance": tol, "max": entry["ratio"] * (1 + tol)}
 
 
 def tok_s_limit(entry: dict) -> dict:
-    spread = max(4 * _mad_rel(entry["tok_s"]), _across(entry, relative=True))
+    spread = max(4 * mad_rel(entry["tok_s"]), _across(entry, relative=True))
     tol = min(TOK_S_CAP, max(TOK_S_FLOOR, spread))
     return {"tolerance": tol, "min": entry["median"] * (1 - tol)}
 

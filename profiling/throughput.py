@@ -185,9 +185,3 @@ def spread(values: Sequence[float]) -> float:
     """(max - min) / median."""
     med = statistics.median(values)
     return (max(values) - min(values)) / med
-
-
-def mad_rel(values: Sequence[float]) -> float:
-    """Median absolute deviation / median."""
-    med = statistics.median(values)
-    return statistics.median(abs(x - med) for x in values) / med
