@@ -9,6 +9,10 @@
     python -m profiling measure --out DIR         one run of the gate's stages (DIR/run.json)
     python -m profiling bench [--save] [-k ...]   pytest-benchmark kernel benchmarks vs the
                                                   saved run (other arguments go to pytest)
+    --size 0.6b|1.7b|4b|8b                        the Qwen3 architecture (random weights)
+    torchrun --nproc-per-node N -m profiling [--tp N] report|gate|record|measure ...
+                                                  the same stages on N tensor-parallel ranks
+                                                  (baseline perf_baselines/<gpu-slug>/tpN/)
 
 Exit codes, every command: 0 pass (report: written, and its comparison passed or there is
 nothing to compare on a CPU), 1 fail (the gate, the report's comparison, a benchmark
@@ -20,13 +24,19 @@ baseline is never a pass (the report is still written, then exit 3).
 Without a GPU the report runs a small 2-layer, hidden-64 model (engine.config.SMALL) through
 the Triton interpreter:
 numerics, eager decode and a host-time breakdown (their timings mean nothing); launch counts,
-kernel timing and CUDA-graph decode need a GPU.
+kernel timing and CUDA-graph decode need a GPU (measure then writes the numerics alone).
+
+Tensor parallel (under torchrun, WORLD_SIZE > 1; --tp N, when given, must equal it): each
+process joins the group (nccl, one GPU per LOCAL_RANK; gloo on CPU) and builds its shard
+(engine/parallel.py); every rank runs every stage in lockstep (profiling/ranks.py). Only rank
+0 prints and writes; the run records ``model.tp`` and, under ``tp``, every rank's launches.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import subprocess
 import sys
@@ -34,10 +44,14 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
+from engine import parallel as tp
+from engine.config import QWEN3_SIZES
 from profiling import baselines, breakdown, measure, report
 from profiling.baselines import BaselineError
 from profiling.launches import TraceError
+from profiling.ranks import Ranks
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_NO_BASELINE = 0, 1, 2, 3
 HAS_GPU = torch.cuda.is_available()
@@ -48,14 +62,45 @@ CPU_NOTE = (
 )
 
 
-def build_model(args):
-    from engine.config import default_config, small_config
-    from profiling.gate import default_model
+# This process's place among tensor-parallel ranks (set by main; one process: single).
+RANKS = Ranks.single()
+# torchrun stops the other ranks when the first one exits: a rank other than 0 that fails the
+# same check as rank 0 waits this long, leaving rank 0 the time to print it.
+QUIET_RANK_EXIT_DELAY_S = 2.0
 
-    config = small_config() if (args.small or not HAS_GPU) else default_config()
+
+def model_config(args):
+    from engine.config import default_config, qwen3_config, small_config
+
+    if args.small or not HAS_GPU:
+        config = small_config()
+    elif args.size is not None:
+        config = qwen3_config(args.size)
+    else:
+        config = default_config()
     if getattr(args, "layers", None) is not None:
         config = config.replace(num_hidden_layers=args.layers)
-    return default_model(config)
+    return config
+
+
+def build(config):
+    """The suite's model of ``config`` (random weights, seed 0): under TP this rank's shard."""
+    from profiling.gate import default_model
+
+    if not RANKS.sharded:
+        return default_model(config)
+    return tp.build_sharded(
+        config,
+        None,
+        RANKS.parallel,
+        dtype=torch.bfloat16,
+        device=RANKS.device or torch.device("cpu"),
+        seed=0,
+    )
+
+
+def build_model(args):
+    return build(model_config(args))
 
 
 def plan_from(args) -> measure.Plan:
@@ -75,13 +120,14 @@ def plan_from(args) -> measure.Plan:
 
 def _seed(args) -> int:
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
+    seed = RANKS.share(seed)  # every rank draws the same numerics inputs
     print(f"numerics inputs: seed {seed} (replay with --seed {seed})")
     return seed
 
 
 def _load_baseline(root) -> tuple[dict | None, BaselineError | None]:
     try:
-        return baselines.load_baseline(root=root), None
+        return baselines.load_baseline(root=root, tp=RANKS.world_size), None
     except BaselineError as exc:
         return None, exc
 
@@ -128,7 +174,7 @@ def _host_times(model, variant: str, plan: measure.Plan) -> dict:
     from profiling.launches import record_decode_trace
 
     saved = model.flags
-    model.flags = FusionFlags.default() if variant == "default" else FusionFlags.none()
+    model.flags = measure.default_flags(model) if variant == "default" else FusionFlags.none()
     try:
         runner = Runner(model, max_seq_len=plan.prompt_len + plan.launch_steps + 4)
         with tempfile.TemporaryDirectory() as tmp:
@@ -159,7 +205,9 @@ def cmd_report(args) -> int:
     plan = plan_from(args)
     seed = _seed(args)
     current = measure.report_header(model, plan)
-    current["numerics"] = [r.to_json() for r in measure.measure_numerics(model, plan, seed)]
+    current["numerics"] = [
+        r.to_json() for r in measure.measure_numerics(model, plan, seed, RANKS.share)
+    ]
     if HAS_GPU:
         current["launches"] = measure.measure_launches(model, plan)
         current["kernel_ratios"] = measure.measure_kernel_ratios(model, plan)
@@ -168,6 +216,9 @@ def cmd_report(args) -> int:
         current["launches_note"] = "not counted: the profiler sees no kernels without a GPU"
     current["eager"] = measure.measure_eager(model, plan)
     current["breakdown"] = _breakdown(model, current, plan)
+    if RANKS.sharded:
+        current["tp"] = measure.tp_summary(model, current, RANKS)
+    current = RANKS.share(current)  # rank 0's figures: every rank reaches the same verdict
     status, verdict = EXIT_OK, None
     if baseline is not None:
         try:
@@ -178,6 +229,8 @@ def cmd_report(args) -> int:
             problem, baseline = exc, None
     elif HAS_GPU:
         status = EXIT_NO_BASELINE
+    if not RANKS.root:
+        return status
     report.write_json(current, out / "report.json")
     report.plot(current, baseline, out / "report.png")
     print()
@@ -188,6 +241,7 @@ def cmd_report(args) -> int:
         f"{current['commit']}"
     )
     print(report.text(current, baseline))
+    _print_tp(current)
     if verdict is not None:
         print(
             f"\nagainst baseline {baseline.get('commit')} of {baseline.get('date')} "
@@ -203,6 +257,27 @@ def cmd_report(args) -> int:
     return status
 
 
+def _print_tp(current: dict) -> None:
+    t = current.get("tp")
+    if not t:
+        return
+    line = (
+        f"\ntensor parallel: {t['world_size']} ranks ({t['backend']}), not applicable: "
+        f"{', '.join(t['not_applicable']) or 'none'}; launches per step "
+    )
+    if t["launches_equal"]:
+        print(line + "equal on every rank")
+    else:
+        print(line + "DIFFER between ranks:")
+        for d in t["launch_differences"]:
+            print(f"  {d}")
+
+
+def _ranks_kw() -> dict:
+    """The ranks for the gate's functions, passed only under TP (one process: their default)."""
+    return {"ranks": RANKS} if RANKS.sharded else {}
+
+
 def _need_gpu(what: str) -> bool:
     if HAS_GPU:
         return True
@@ -211,7 +286,7 @@ def _need_gpu(what: str) -> bool:
 
 
 def cmd_gate(args) -> int:
-    from profiling.gate import default_model, run_gate
+    from profiling.gate import run_gate
 
     if not _need_gpu("the gate"):
         return EXIT_USAGE
@@ -220,23 +295,27 @@ def cmd_gate(args) -> int:
     if problem is not None:
         print(f"GATE NOT RUN: {problem}", file=sys.stderr)
         return EXIT_NO_BASELINE
-    from engine.config import Qwen3Config, default_config
+    from engine.config import Qwen3Config, default_config, qwen3_config
 
-    config = default_config()
-    stored = baseline["model"]["config"]
-    if any(getattr(config, k) != v for k, v in stored.items()):
-        config = Qwen3Config(**{**config.__dict__, **stored, "source": "<baseline>"})
-    model = default_model(config)
+    if args.size is not None:  # compared with the baseline's model before measuring
+        config = qwen3_config(args.size)
+    else:
+        config = default_config()
+        stored = baseline["model"]["config"]
+        if any(getattr(config, k) != v for k, v in stored.items()):
+            config = Qwen3Config(**{**config.__dict__, **stored, "source": "<baseline>"})
+    model = build(config)
     try:
-        result, current = run_gate(model, baseline, seed=_seed(args))
+        result, current = run_gate(model, baseline, seed=_seed(args), **_ranks_kw())
     except BaselineError as exc:
         print(f"GATE NOT RUN: {exc}", file=sys.stderr)
         return EXIT_NO_BASELINE
-    if args.out:
+    if args.out and RANKS.root:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         current["gate"] = result.to_json()
         report.write_json(current, Path(args.out) / "gate.json")
     print(result.summary())
+    _print_tp(current)
     print(f"gate time: {time.perf_counter() - started:.0f} s")
     return EXIT_OK if result.ok else EXIT_FAIL
 
@@ -244,15 +323,20 @@ def cmd_gate(args) -> int:
 def _measure_run(args) -> dict:
     from profiling.gate import measure_gate_stages
 
-    return measure_gate_stages(build_model(args), plan_from(args), seed=_seed(args))
+    model = build_model(args)
+    return measure_gate_stages(model, plan_from(args), seed=_seed(args), **_ranks_kw())
 
 
 def cmd_measure(args) -> int:
-    if not _need_gpu("measure"):
-        return EXIT_USAGE
+    if not HAS_GPU:
+        print(CPU_NOTE)
+    run = _measure_run(args)
+    _print_tp(run)
+    if not RANKS.root:
+        return EXIT_OK
     out = Path(args.out or "run")
     out.mkdir(parents=True, exist_ok=True)
-    report.write_json(_measure_run(args), out / "run.json")
+    report.write_json(run, out / "run.json")
     print(f"wrote {out / 'run.json'}")
     return EXIT_OK
 
@@ -263,20 +347,50 @@ def _runs_for_record(args) -> list[dict]:
     import tempfile
 
     runs = [_measure_run(args)]
+    if RANKS.sharded and args.processes > 1:
+        # Rank 0 alone starts the other runs (a torchrun each, forming their own group).
+        RANKS.barrier()
+        dist.destroy_process_group()
+        if not RANKS.root:
+            return runs
     passed = [a for a in ("--small",) if getattr(args, a[2:])]
-    for name in ("layers", "batches", "rounds", "prompt_len", "new_tokens"):
+    for name in ("size", "layers", "batches", "rounds", "prompt_len", "new_tokens"):
         value = getattr(args, name)
         if value is not None:
             flag = "--" + name.replace("_", "-")
             passed += [flag, *map(str, value if isinstance(value, list) else [value])]
+    launcher, env = [sys.executable], None
+    if RANKS.sharded and args.processes > 1:
+        torch.cuda.empty_cache()
+        n = RANKS.world_size
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}"]
+        passed += ["--tp", str(n)]
+        env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV}
+        env = {k: v for k, v in env.items() if not k.startswith("TORCHELASTIC_")}
     for i in range(args.processes - 1):
         with tempfile.TemporaryDirectory() as tmp:
-            cmd = [sys.executable, "-m", "profiling", "measure", "--out", tmp, *passed]
+            cmd = [*launcher, "-m", "profiling", "measure", "--out", tmp, *passed]
             print(f"+ run {i + 2} of {args.processes}: {' '.join(cmd)}", flush=True)
-            if subprocess.run(cmd).returncode != 0:
+            if subprocess.run(cmd, env=env).returncode != 0:
                 raise RuntimeError(f"run {i + 2} of the record failed")
             runs.append(json.loads((Path(tmp) / "run.json").read_text()))
     return runs
+
+
+# What torchrun sets for its workers: not inherited by a nested torchrun's workers.
+TORCHRUN_ENV = (
+    "WORLD_SIZE",
+    "RANK",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "GROUP_WORLD_SIZE",
+    "ROLE_RANK",
+    "ROLE_NAME",
+    "ROLE_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
 
 
 def cmd_record(args) -> int:
@@ -290,6 +404,16 @@ def cmd_record(args) -> int:
         return EXIT_USAGE
     else:
         runs = _runs_for_record(args)
+        if not RANKS.root:
+            return EXIT_OK
+    cpu = [i + 1 for i, run in enumerate(runs) if "e2e" not in run]
+    if cpu:
+        print(
+            f"--combine: run(s) {', '.join(map(str, cpu))} measured no launches, kernel time or "
+            "decode (CPU runs): nothing to record",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     bad = [r for run in runs for r in run.get("numerics", []) if not r["ok"]]
     if bad:
         print(f"numerics fail ({len(bad)} checks): nothing recorded", file=sys.stderr)
@@ -320,6 +444,9 @@ def _pytest(extra: list[str]) -> int:
 
 
 def cmd_bench(args) -> int:
+    if RANKS.sharded:
+        print("error: bench runs in one process: start it without torchrun", file=sys.stderr)
+        return EXIT_USAGE
     if not _need_gpu("benchmarks"):
         return EXIT_USAGE
     if args.save:
@@ -346,8 +473,23 @@ def _positive(text: str) -> int:
     return value
 
 
+def _env_rank() -> int:
+    try:
+        return tp.rank_from_env()
+    except tp.ParallelError:
+        return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        if _env_rank() != 0:  # under torchrun only rank 0 says it
+            time.sleep(QUIET_RANK_EXIT_DELAY_S)
+            self.exit(EXIT_USAGE)
+        super().error(message)
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m profiling", description=__doc__.split("\n\n")[0])
+    p = _Parser(prog="python -m profiling", description=__doc__.split("\n\n")[0])
     p.add_argument(
         "command",
         nargs="?",
@@ -363,6 +505,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="numerics inputs' seed (default fresh)")
     p.add_argument("--small", action="store_true", help="the CPU's 2-layer model on any device")
     p.add_argument("--layers", type=_positive, default=None, help="report/record: layer count")
+    p.add_argument(
+        "--size",
+        choices=tuple(QWEN3_SIZES),
+        default=None,
+        help="the Qwen3 architecture measured, random weights (default 0.6b; gate: the baseline's)",
+    )
+    p.add_argument(
+        "--tp",
+        type=_positive,
+        default=None,
+        help="tensor-parallel ranks: must equal torchrun's WORLD_SIZE (default: WORLD_SIZE)",
+    )
     p.add_argument("--batches", type=_positive, nargs="+", default=None, help="decode batches")
     p.add_argument("--rounds", type=_positive, default=None, help="timed decode rounds (>= 5)")
     p.add_argument("--prompt-len", type=_positive, default=None)
@@ -403,8 +557,64 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--rounds must be >= 5 (a median of at least 5)")
     if args.command == "gate" and (args.layers or args.small or args.batches):
         p.error("gate measures what its baseline measured: --layers/--small/--batches do not apply")
+    if args.size is not None and args.small:
+        p.error("--size and --small choose the model both: give one")
+    if args.size is not None and not HAS_GPU:
+        p.error(f"--size {args.size} needs a CUDA GPU (without one the small model runs)")
     if args.out is None and args.command == "report":
         args.out = "report"
+    status = _start_ranks(args)
+    if status is not None:
+        return status
+    try:
+        status = _run_command(args)
+        if RANKS.sharded and dist.is_initialized():
+            # Every rank done before any leaves: gloo aborts a rank whose peer has gone.
+            RANKS.barrier()
+        return status
+    finally:
+        if RANKS.sharded and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _fail(message: str) -> int:
+    """A one-line error from rank 0 (every rank fails the same check), exit 2."""
+    if _env_rank() == 0:
+        print(f"error: {message}", file=sys.stderr)
+    else:
+        time.sleep(QUIET_RANK_EXIT_DELAY_S)
+    return EXIT_USAGE
+
+
+def _start_ranks(args) -> int | None:
+    """Under torchrun: check --tp against WORLD_SIZE, join the group, quiet ranks but 0.
+    Returns an exit status on a user error (None: go on)."""
+    global RANKS
+    try:
+        world = tp.world_size_from_env()
+    except tp.ParallelError as exc:
+        return _fail(str(exc))
+    wanted = world if args.tp is None else args.tp
+    if wanted != world:
+        return _fail(
+            f"--tp {wanted} but WORLD_SIZE is {world}: run one process per rank, torchrun "
+            f"--nproc-per-node {wanted} -m profiling {args.command} --tp {wanted} ..."
+        )
+    if world == 1:
+        return None
+    try:
+        if args.command != "gate":  # gate: the baseline's model, checked when it is built
+            tp.check_layout(model_config(args), world)
+        parallel, device = tp.init_distributed(world)
+    except tp.ParallelError as exc:
+        return _fail(str(exc))
+    RANKS = Ranks(parallel, device)
+    if not RANKS.root:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
+    return None
+
+
+def _run_command(args) -> int:
     commands = {
         "report": cmd_report,
         "gate": cmd_gate,
@@ -417,6 +627,8 @@ def main(argv: list[str] | None = None) -> int:
     except TraceError as exc:
         print(f"launch counting failed: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except tp.ParallelError as exc:  # a layout that does not divide (gate: the baseline's)
+        return _fail(str(exc))
 
 
 if __name__ == "__main__":

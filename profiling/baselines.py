@@ -76,8 +76,20 @@ def baseline_dir(slug: str | None = None, root: str | Path = BASELINE_ROOT) -> P
     return Path(root) / (gpu_slug() if slug is None else slug)
 
 
-def baseline_path(slug: str | None = None, root: str | Path = BASELINE_ROOT) -> Path:
-    return baseline_dir(slug, root) / BASELINE_FILE
+def baseline_path(slug: str | None = None, root: str | Path = BASELINE_ROOT, tp: int = 1) -> Path:
+    """<root>/<gpu-slug>/baseline.json; tensor parallel over N > 1 ranks: <gpu-slug>/tpN/
+    (a sharded run gates only runs with as many ranks)."""
+    folder = baseline_dir(slug, root)
+    return (folder if tp == 1 else folder / f"tp{tp}") / BASELINE_FILE
+
+
+def record_command(tp: int = 1) -> str:
+    if tp == 1:
+        return RECORD_COMMAND
+    return (
+        f"torchrun --nproc-per-node {tp} -m profiling record on {tp} GPUs of this model, then "
+        "commit it"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -341,32 +353,33 @@ def validate(baseline) -> list[str]:
     return p
 
 
-def load_baseline(slug: str | None = None, *, root: str | Path = BASELINE_ROOT) -> dict:
-    """This GPU's baseline, validated; BaselineError (saying what to do) when unusable."""
+def load_baseline(
+    slug: str | None = None, *, root: str | Path = BASELINE_ROOT, tp: int = 1
+) -> dict:
+    """This GPU's baseline (for ``tp`` ranks), validated; BaselineError (saying what to do)
+    when unusable."""
     slug = gpu_slug() if slug is None else slug
-    path = baseline_path(slug, root)
+    path = baseline_path(slug, root, tp)
+    how = record_command(tp)
     if not path.is_file():
-        raise BaselineMissing(f"no baseline for {slug} ({path}): record one with {RECORD_COMMAND}")
+        raise BaselineMissing(f"no baseline for {slug} ({path}): record one with {how}")
     try:
         baseline = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BaselineCorrupt(
-            f"{path} is not valid JSON ({exc}): re-record it with {RECORD_COMMAND}"
-        ) from exc
+        raise BaselineCorrupt(f"{path} is not valid JSON ({exc}): re-record it with {how}") from exc
     problems = validate(baseline)
     if problems:
         shown = "; ".join(problems[:6]) + (
             f"; and {len(problems) - 6} more" if len(problems) > 6 else ""
         )
         raise BaselineCorrupt(
-            f"{path} is not a usable fusionguard baseline ({shown}): re-record it with "
-            f"{RECORD_COMMAND}"
+            f"{path} is not a usable fusionguard baseline ({shown}): re-record it with {how}"
         )
     if baseline["gpu_slug"] != slug:
         raise ForeignBaseline(
             f"{path} was measured on {baseline['gpu']!r} ({baseline['gpu_slug']}), not on "
             f"{slug}: numbers from one GPU model never gate another; record this GPU's with "
-            f"{RECORD_COMMAND}"
+            f"{how}"
         )
     return baseline
 
@@ -379,6 +392,11 @@ def check_comparable(current: dict, baseline: dict) -> None:
             f"baseline on {baseline.get('gpu')!r} ({baseline.get('gpu_slug')}): never compared"
         )
     cm, bm = current["model"], baseline["model"]
+    if cm.get("tp", 1) != bm.get("tp", 1):
+        raise BaselineMismatch(
+            f"this run is tensor parallel over {cm.get('tp', 1)} rank(s), the baseline over "
+            f"{bm.get('tp', 1)}: each TP size has its own baseline (perf_baselines/<gpu>/tpN/)"
+        )
     for field in ("config", "dtype"):
         if cm[field] != bm[field]:
             raise BaselineMismatch(
@@ -542,6 +560,7 @@ def compare_numerics(current: dict) -> list[Check]:
     return [
         Check("numerics", r["name"] + f"/{r['dtype']}/m{r['rows']}", _numerics_message(r), r["ok"])
         for r in current.get("numerics", [])
+        if "skipped" not in r  # a check that could not run here (its reason is in the run)
     ]
 
 
@@ -654,7 +673,7 @@ def write_baseline(
     of another model, plan or set of fusions unless ``force``. Returns the path and a line
     describing what was replaced (None: nothing was there)."""
     baseline = make_baseline(report)
-    path = baseline_path(report["gpu_slug"], root)
+    path = baseline_path(report["gpu_slug"], root, report["model"].get("tp", 1))
     replaced = None
     if path.exists():
         try:

@@ -113,6 +113,21 @@ def time_fusion(
     impls = implementations(fusion, ops)
     if only is not None:
         impls = {name: impls[name] for name in only}
+    us = time_chains(impls, input_sets, reps=reps, rounds=rounds, replays=replays)
+    return RatioResult(fusion.name, rows, us)
+
+
+def time_chains(
+    impls: dict[str, Callable[[dict], Any]],
+    input_sets: Sequence[dict],
+    *,
+    reps: int,
+    rounds: int,
+    replays: int,
+) -> dict[str, list[float]]:
+    """µs per call of each implementation per round, interleaved. Fixed counts throughout
+    (no loop that runs until a time is reached): under TP every rank replays the same chains
+    the same number of times, so a captured collective always meets its peers'."""
     chains = {name: GraphChain(call, input_sets, reps) for name, call in impls.items()}
     for chain in chains.values():
         chain.time_us(2)  # warm-up replays
@@ -123,7 +138,45 @@ def time_fusion(
         for name in order if r % 2 == 0 else reversed(order):
             us[name].append(chains[name].time_us(replays))
     del chains
-    return RatioResult(fusion.name, rows, us)
+    return us
+
+
+def time_all_reduce_residual(
+    parallel,
+    hidden: int,
+    rows: int,
+    dtype: torch.dtype,
+    *,
+    layers: int = LAYERS,
+    reps: int = 4,
+    rounds: int = 11,
+    replays: int = 3,
+    seed: int = 0,
+) -> RatioResult | None:
+    """The TP-only step on every rank of ``parallel``: the one-shot kernel against its unfused
+    ops (NCCL all-reduce in place, then the residual add), at ``rows`` x ``hidden``. None where
+    the kernel cannot run (kernels.all_reduce_residual.unavailable_reason; a collective)."""
+    from kernels import all_reduce_residual as ar
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    group = parallel.group
+    if ar.unavailable_reason(device, group) is not None:
+        return None
+    generator = torch.Generator(device="cuda").manual_seed(seed * 31 + parallel.rank + 1)
+    # Partials stay small: the in-place all-reduce feeds each call's sum to the next one.
+    input_sets = [
+        {
+            "x": (1e-3 * torch.randn(rows, hidden, device="cuda", generator=generator)).to(dtype),
+            "residual": torch.randn(rows, hidden, device="cuda", generator=generator).to(dtype),
+        }
+        for _ in range(layers)
+    ]
+    impls = {
+        "fused": lambda i: ar.all_reduce_residual(i["x"], i["residual"], group, out=i["residual"]),
+        REFERENCE_UNFUSED: lambda i: ar.reference(i["x"], i["residual"], group),
+    }
+    us = time_chains(impls, input_sets, reps=reps, rounds=rounds, replays=replays)
+    return RatioResult("all_reduce_residual", rows, us)
 
 
 def fused_us_per_call(

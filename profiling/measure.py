@@ -30,7 +30,7 @@ from engine.program import bytes_moved, span_instances, span_ops
 from kernels.runtime import INTERPRETING, backend, gpu_name, gpu_slug
 from profiling import throughput
 from profiling.launches import profile_decode
-from profiling.numerics import NumericsResult, check_fusion, judge_model, tf32_off
+from profiling.numerics import NumericsResult, check_fusion, judge, judge_model, tf32_off
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = "fusionguard-report/2"
@@ -122,12 +122,38 @@ CONFIG_FIELDS = (
 )
 
 
+def world_size(model) -> int:
+    """The tensor-parallel size of ``model`` (1: the single-process engine)."""
+    parallel = getattr(model, "parallel", None)
+    return parallel.world_size if parallel is not None else 1
+
+
+def default_flags(model) -> FusionFlags:
+    """The default fusions that apply to ``model`` (under TP o_proj_residual and
+    down_proj_residual never do: engine/parallel.py)."""
+    return model.default_flags() if hasattr(model, "default_flags") else FusionFlags.default()
+
+
+def applicable_fusions(model) -> list:
+    """The registered fusions with a span in ``model``'s program, in registry order."""
+    skip = set(getattr(model, "not_applicable", ()))
+    return [f for f in registry.all_fusions() if f.name not in skip]
+
+
+def variants_and_pairings(model):
+    return throughput.variants_and_pairings(applicable_fusions(model))
+
+
 def model_summary(model) -> dict:
-    """The model dimensions, dtype and fusions (instances, kernels per instance) of a run."""
+    """The model dimensions, dtype and fusions (instances, kernels per instance) of a run.
+    Under tensor parallelism ``config`` is the whole model's, ``tp`` the rank count, and the
+    instances are those of one rank's program (every rank runs the same program)."""
     program = model.program()
+    config = getattr(model, "full_config", model.config)
     fusions = {}
     for f in registry.all_fusions():
-        ops = span_ops(program, f)
+        # Under TP o_proj_residual and down_proj_residual have no span: 0 instances.
+        ops = span_ops(program, f) if span_instances(program, f) else ()
         fusions[f.name] = {
             "spans": [list(s) for s in f.spans],
             "kernel": f.kernel,
@@ -138,9 +164,10 @@ def model_summary(model) -> dict:
             "alternatives": sorted(g.name for g in registry.all_fusions() if g.conflicts_with(f)),
         }
     return {
-        "config": {name: getattr(model.config, name) for name in CONFIG_FIELDS},
+        "config": {name: getattr(config, name) for name in CONFIG_FIELDS},
         "dtype": str(model.dtype).removeprefix("torch."),
-        "default_fusions": sorted(FusionFlags.default().enabled),
+        "tp": world_size(model),
+        "default_fusions": sorted(default_flags(model).enabled),
         "fusions": fusions,
     }
 
@@ -150,17 +177,19 @@ def model_summary(model) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def launch_variants() -> list[throughput.Variant]:
+def launch_variants(model=None) -> list[throughput.Variant]:
     """default, none, and alt+f for every fusion outside the default (where f runs)."""
-    variants, _ = throughput.variants_and_pairings()
+    variants, _ = throughput.variants_and_pairings(
+        None if model is None else applicable_fusions(model)
+    )
     return [v for v in variants if v.name in ("default", "none") or v.name.startswith("alt+")]
 
 
-def launch_keys(plan: Plan) -> list[tuple[str, bool, int]]:
+def launch_keys(plan: Plan, model=None) -> list[tuple[str, bool, int]]:
     """(variant, cuda_graph, batch) combinations counted: default and none eager and in CUDA
     graphs at each decode batch size; an alternative's variant in a graph at batch 1."""
     keys = []
-    for v in launch_variants():
+    for v in launch_variants(model):
         if v.name in ("default", "none"):
             keys.append((v.name, False, 1))
             keys += [(v.name, True, batch) for batch in sorted({1, max(plan.batches)})]
@@ -225,9 +254,9 @@ def count_variant(model, variant, cuda_graph: bool, batch: int, plan: Plan) -> d
 
 
 def measure_launches(model, plan: Plan, progress=None) -> dict:
-    variants = {v.name: v for v in launch_variants()}
+    variants = {v.name: v for v in launch_variants(model)}
     out = {}
-    for name, graph, batch in launch_keys(plan):
+    for name, graph, batch in launch_keys(plan, model):
         out[launch_key(name, graph, batch)] = count_variant(
             model, variants[name], graph, batch, plan
         )
@@ -242,10 +271,14 @@ def measure_launches(model, plan: Plan, progress=None) -> dict:
 
 
 def measure_fusion_numerics(model, plan: Plan, seed: int) -> list[NumericsResult]:
+    """Each applicable fusion at this model's (under TP: this rank's) shapes. The TP-only
+    all_reduce_residual needs every rank: measure_all_reduce_residual_numerics."""
     program = model.program()
     generator = torch.Generator(device=model.device).manual_seed(seed)
     results = []
-    for fusion in registry.all_fusions():
+    for fusion in applicable_fusions(model):
+        if fusion.name in RANK_FUSIONS:
+            continue
         for dtype in dict.fromkeys((model.dtype, torch.float32)):
             for rows in plan.numerics_rows:
                 results += check_fusion(
@@ -256,12 +289,25 @@ def measure_fusion_numerics(model, plan: Plan, seed: int) -> list[NumericsResult
 
 def measure_model_numerics(model, plan: Plan, seed: int, steps: int = 3) -> NumericsResult:
     """Default fusions vs all unfused, both in the model's dtype, against an fp32 copy of the
-    same weights run unfused (profiling.numerics.judge_model)."""
+    same weights run unfused (profiling.numerics.judge_model). Under TP the copy is the whole
+    single-process model (engine.build draws the weights each rank holds a slice of), run on
+    every rank, against the sharded model's logits."""
     import engine
     from engine.runner import Runner
 
-    reference = engine.build(model.config, dtype=torch.float32, device=model.device, flags="none")
-    reference.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    if world_size(model) > 1:
+        # random_init_sharded slices engine.build's draw (same seed, device and dtype).
+        full = engine.build(
+            model.full_config, dtype=model.dtype, device=model.device, flags="none", seed=0
+        )
+        weights = full.state_dict()
+        del full
+        config = model.full_config
+    else:
+        weights, config = model.state_dict(), model.config
+    reference = engine.build(config, dtype=torch.float32, device=model.device, flags="none")
+    reference.load_state_dict({k: v.float() for k, v in weights.items()})
+    del weights
     prompt = throughput.random_prompt(
         model.config.vocab_size, 2, plan.prompt_len, model.device, seed
     )
@@ -280,7 +326,7 @@ def measure_model_numerics(model, plan: Plan, seed: int, steps: int = 3) -> Nume
         finally:
             m.flags = saved
 
-    fused = logits(model, FusionFlags.default())
+    fused = logits(model, default_flags(model))
     tokens = [fused[:, i].argmax(-1) for i in range(steps)]  # teacher-forced on fused tokens
     unfused = logits(model, FusionFlags.none(), tokens)
     with tf32_off():
@@ -289,8 +335,88 @@ def measure_model_numerics(model, plan: Plan, seed: int, steps: int = 3) -> Nume
     return judge_model("engine.logits", fused, ref, unfused, rows=2)
 
 
-def measure_numerics(model, plan: Plan, seed: int = 0) -> list[NumericsResult]:
-    return [*measure_fusion_numerics(model, plan, seed), measure_model_numerics(model, plan, seed)]
+def model_numerics_skip_reason(model, share=lambda v: v) -> str | None:
+    """Why the whole-model check is skipped (None: it runs): an fp32 copy of the whole model
+    (plus, under TP, the whole model in its dtype to slice from) must fit in half the free
+    memory. Decided by rank 0 (``share``): free memory differs a little between ranks."""
+    if model.device.type != "cuda":
+        return share(None)
+    config = getattr(model, "full_config", model.config)
+    # Under TP: a rank's parameters times the rank count (over-counts the replicated ones).
+    params = sum(p.numel() for p in model.parameters()) * world_size(model)
+    itemsize = torch.finfo(model.dtype).bits // 8
+    need = params * (4 + (itemsize if world_size(model) > 1 else 0))
+    free, _ = torch.cuda.mem_get_info(model.device)
+    reason = None
+    if need > free / 2:
+        reason = (
+            f"the whole-model check needs an fp32 copy of {config.source} ({need / 2**30:.0f} "
+            f"GiB), more than half the free GPU memory ({free / 2**30:.0f} GiB): skipped; the "
+            "per-fusion checks ran (check the whole model on a smaller --size)"
+        )
+    return share(reason)
+
+
+def measure_numerics(model, plan: Plan, seed: int = 0, share=lambda v: v) -> list:
+    """The per-fusion checks and the whole-model check (or, where it cannot fit, a skipped
+    entry with its reason). Under TP every rank calls it (collectives inside)."""
+    results: list = [*measure_fusion_numerics(model, plan, seed)]
+    if "all_reduce_residual" in {f.name for f in applicable_fusions(model)}:
+        results += measure_all_reduce_residual_numerics(model, plan, seed)
+    reason = model_numerics_skip_reason(model, share)
+    if reason is None:
+        results.append(measure_model_numerics(model, plan, seed))
+    else:
+        print(f"numerics: {reason}")
+        results.append(SkippedCheck("engine.logits", reason))
+    return results
+
+
+@dataclasses.dataclass
+class SkippedCheck:
+    """A numerics check that did not run, and why (never a failure, never a pass)."""
+
+    name: str
+    reason: str
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "skipped": self.reason, "ok": True, "failures": []}
+
+
+# Fusions whose numerics and kernel time need every rank (the rank's partial is not the
+# whole input): measured by their own functions below.
+RANK_FUSIONS = ("all_reduce_residual",)
+
+
+def _all_reduce_residual_inputs(model, rows: int, dtype: torch.dtype, seed: int):
+    """This rank's partial sum (its own draw) and the residual (the same on every rank)."""
+    rank = model.parallel.rank
+    hidden = model.config.hidden_size
+    x = torch.randn(rows, hidden, generator=torch.Generator().manual_seed(seed * 31 + rank + 1))
+    residual = torch.randn(rows, hidden, generator=torch.Generator().manual_seed(seed))
+    return x.to(model.device, dtype), residual.to(model.device, dtype)
+
+
+def measure_all_reduce_residual_numerics(model, plan: Plan, seed: int) -> list:
+    """The fused all-reduce + residual add against the gathered float64 sum (a collective),
+    held to the unfused NCCL all-reduce + add's error. Where its kernel cannot run (CPU,
+    gloo, no symmetric memory) a skipped entry says why."""
+    from kernels import all_reduce_residual as ar
+
+    group = model.parallel.group
+    reason = ar.unavailable_reason(model.device, group)  # a collective on CUDA
+    if reason is not None:
+        return [SkippedCheck("all_reduce_residual.residual", f"kernel unavailable: {reason}")]
+    results = []
+    for dtype in dict.fromkeys((model.dtype, torch.float32)):
+        for rows in plan.numerics_rows:
+            x, residual = _all_reduce_residual_inputs(model, rows, dtype, seed)
+            exact = ar.gathered_float64_reference(x, residual, group)
+            with tf32_off():
+                unfused = ar.reference(x.clone(), residual.clone(), group)
+            fused = ar.all_reduce_residual(x.clone(), residual.clone(), group)
+            results.append(judge("all_reduce_residual.residual", fused, exact, unfused, rows=rows))
+    return results
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,13 +437,27 @@ def measure_kernel_ratios(
 
     program = model.program()
     out = {}
-    for fusion in registry.all_fusions():
+    for fusion in applicable_fusions(model):
         for rows in plan.kernel_rows:
             wanted = only is None or any(k.startswith(f"{fusion.name}/m{rows}/") for k in only)
-            if wanted:
+            if wanted and fusion.name in RANK_FUSIONS:
+                from profiling.kernel_timing import time_all_reduce_residual
+
+                # Every rank times the same chains (each replay's all-reduces meet the peers').
+                result = time_all_reduce_residual(
+                    model.parallel,
+                    model.config.hidden_size,
+                    rows,
+                    model.dtype,
+                    rounds=plan.kernel_rounds,
+                )
+                if result is None:  # its kernel cannot run here: nothing to time
+                    wanted = False
+            elif wanted:
                 result = time_fusion(
                     fusion, program, model.config, rows, model.dtype, rounds=plan.kernel_rounds
                 )
+            if wanted:
                 for ref in result.references():
                     out[ratio_key(fusion.name, rows, ref)] = {
                         "ratio": result.ratio(ref),
@@ -337,7 +477,7 @@ def measure_kernel_ratios(
 
 def measure_e2e(model, plan: Plan, *, batches=None, progress=None) -> dict[str, dict]:
     """Per batch size: tok/s of every variant (CUDA-graph decode) and the speed-ups."""
-    variants, pairings = throughput.variants_and_pairings()
+    variants, pairings = variants_and_pairings(model)
     out = {}
     for batch in plan.batches if batches is None else batches:
         rates = throughput.measure_variants(
@@ -356,7 +496,7 @@ def measure_e2e(model, plan: Plan, *, batches=None, progress=None) -> dict[str, 
 
 def measure_eager(model, plan: Plan) -> dict:
     """Eager decode tok/s, default vs none (report only: host-bound, so not gated)."""
-    variants = [v for v in throughput.variants_and_pairings()[0] if v.name in ("default", "none")]
+    variants = [v for v in variants_and_pairings(model)[0] if v.name in ("default", "none")]
     settings = throughput.Settings(plan.prompt_len, plan.new_tokens, 5)
     rates = throughput.measure_variants(model, variants, 1, settings, cuda_graph=False)
     return {
@@ -415,4 +555,52 @@ def report_header(model, plan: Plan) -> dict:
         "interpreted": INTERPRETING,
         "model": model_summary(model),
         "plan": plan.to_json(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensor parallel: every rank's launch data
+# ---------------------------------------------------------------------------------------------
+
+
+def rank_launch_data(model, current: dict) -> dict:
+    """What this rank launches, flat: the segments a decode step runs per launch variant (the
+    program's plan, on any device) and, where counted (GPU), kernels per step per key."""
+    data = {}
+    saved = model.flags
+    try:
+        for v in launch_variants(model):
+            model.flags = v.flags()
+            data[f"segments/{v.name}"] = len(model.segments())
+    finally:
+        model.flags = saved
+    for key, entry in current.get("launches", {}).items():
+        data[f"kernels/{key}"] = entry["kernels_per_step"]
+        data[f"memcpy/{key}"] = entry["memcpy_per_step"]
+    return data
+
+
+def tp_summary(model, current: dict, ranks) -> dict:
+    """Every rank's launch data (gathered: a collective) and whether they agree; each rank's
+    default tok/s where decode was timed (not compared: rank 0's figures are the run's)."""
+    import torch.distributed as dist
+
+    from profiling.ranks import differences
+
+    mine = rank_launch_data(model, current)
+    rates = {bkey: b["variants"]["default"]["median"] for bkey, b in current.get("e2e", {}).items()}
+    gathered = ranks.gather({"launches": mine, "default_tok_s": rates})
+    per_rank = [g["launches"] for g in gathered]
+    diffs = differences(per_rank)
+    return {
+        "world_size": ranks.world_size,
+        "backend": dist.get_backend(ranks.parallel.group),
+        "local_config": {name: getattr(model.config, name) for name in CONFIG_FIELDS},
+        "not_applicable": list(model.not_applicable),
+        "ranks": [
+            {"rank": r, "launches": g["launches"], "default_tok_s": g["default_tok_s"]}
+            for r, g in enumerate(gathered)
+        ],
+        "launches_equal": not diffs,
+        "launch_differences": diffs,
     }

@@ -109,12 +109,14 @@ def e2e_table(report: dict, baseline: dict | None) -> str:
 
 
 def numerics_summary(report: dict) -> str:
-    results = report.get("numerics", [])
+    skipped = [r for r in report.get("numerics", []) if "skipped" in r]
+    results = [r for r in report.get("numerics", []) if "skipped" not in r]
     failed = [r for r in results if not r["ok"]]
     lines = [f"numerics: {len(results) - len(failed)} of {len(results)} checks within the rule"]
     lines += [
         f"  FAIL {r['name']}/{r['dtype']}/m{r['rows']}: {'; '.join(r['failures'])}" for r in failed
     ]
+    lines += [f"  skipped {r['name']}: {r['skipped']}" for r in skipped]
     return "\n".join(lines)
 
 
