@@ -300,6 +300,13 @@ def measure_model_numerics(model, plan: Plan, seed: int, steps: int = 3) -> Nume
         full = engine.build(
             model.full_config, dtype=model.dtype, device=model.device, flags="none", seed=0
         )
+        # The reference must hold the weights this rank holds a slice of (else both the
+        # fused and the unfused error are large, and their ratio proves nothing).
+        whole = full.hf_weight_map()
+        for name, part in model.hf_weight_map().items():
+            if not torch.equal(model.parallel.take(name, whole[name]), part):
+                raise RuntimeError(f"the whole-model reference's {name} is not this rank's")
+        del whole
         weights = full.state_dict()
         del full
         config = model.full_config

@@ -12,6 +12,10 @@
 #   ncu      scripts.ncu_nvtx_check                 report   python -m profiling (report folder)
 #   traces   scripts.capture_traces                 tune     python -m profiling.tune
 #   bench    python -m profiling bench --save
+#   tp       (>= 2 GPUs) torchrun --nproc-per-node 2 -m profiling measure --size 8b, then the
+#            same on one GPU: decode tok/s of TP=2 and TP=1 from one pass (tp-8b.txt)
+#   tpgate   (>= 2 GPUs) torchrun -m profiling record --force, then gate, on 2 ranks
+#            (perf_baselines/<gpu-slug>/tp2/; TP_SIZE=0.6b by default)
 set -uo pipefail
 OUT=${OUT:-out}
 STAGE="$OUT/pass"
@@ -53,6 +57,20 @@ for spec in "$@"; do
     traces) step traces "$limit" python3 -m scripts.capture_traces --out "$STAGE/traces" ;;
     tune) TAILN=30 step tune "$limit" python3 -m profiling.tune --out "$STAGE/configs" ;;
     bench) TAILN=20 step bench "$limit" python3 -m profiling bench --save ;;
+    tp|tpgate) if [ "$GPUS" -lt 2 ]; then echo "=== $name: needs 2 GPUs, $GPUS here"; continue; fi ;;&
+    tp) TAILN=40 step tp "$limit" bash -c '
+          set -e
+          # Short plan: one batch size, 5 rounds; at 8B the whole-model fp32 check is skipped
+          # (it says why) and the per-fusion numerics run.
+          plan="--size 8b --batches 1 --rounds 5 --seed 0"
+          torchrun --standalone --nproc-per-node 2 -m profiling measure $plan --out "$0/tp2-8b"
+          CUDA_VISIBLE_DEVICES=0 python3 -m profiling measure $plan --out "$0/tp1-8b"
+          python3 -m scripts.tp_compare "$0/tp1-8b" "$0/tp2-8b" | tee "$0/tp-8b.txt"' "$STAGE" ;;
+    tpgate) TAILN=40 step tpgate "$limit" bash -c '
+          set -e
+          torchrun --standalone --nproc-per-node 2 -m profiling record --force --size "${TP_SIZE:-0.6b}" --processes 2
+          cp perf_baselines/*/tp2/baseline.json "$0/tp2-baseline.json"
+          torchrun --standalone --nproc-per-node 2 -m profiling gate --out "$0/tpgate"' "$STAGE" ;;
     *) echo "unknown step $name"; exit 2 ;;
   esac
 done
