@@ -32,7 +32,7 @@ RECORD_COMMAND = "python -m profiling record   (tox -e record) on this GPU, then
 
 KERNEL_RATIO_FLOOR, KERNEL_RATIO_CAP = 0.02, 0.04
 TOK_S_FLOOR, TOK_S_CAP = 0.04, 0.10
-SPEEDUP_FLOOR_ABS, SPEEDUP_GAIN_SHARE, SPEEDUP_GAIN_CAP = 0.005, 0.15, 0.45
+SPEEDUP_FLOOR_ABS, SPEEDUP_GAIN_SHARE, SPEEDUP_GAIN_CAP = 0.005, 0.30, 0.45
 CROSS_PROCESS_FACTOR = 1.25
 TOLERANCE_RULES = (
     "A baseline combines one or more runs in separate processes (record --processes N, or "
@@ -45,7 +45,7 @@ TOLERANCE_RULES = (
     "relative)), fail when ratio > stored * (1 + tolerance): a 5% slower fused step fails. "
     "Default variant tok/s: tolerance = min(0.10, max(0.04, spread)), fail below stored * "
     "(1 - tolerance). Speed-up on/off, gain = speed-up - 1: tolerance = min(0.45 * gain, "
-    "max(0.005, spread, 0.15 * gain)), floor = speed-up - tolerance (above 1 + gain/2: losing "
+    "max(0.005, spread, 0.30 * gain)), floor = speed-up - tolerance (above 1 + gain/2: losing "
     "half the gain fails); a speed-up whose gain is not above twice its spread is stored as "
     "not gated, with the reason. Numerics: the rule of profiling/numerics.py, not stored. "
     "Every tolerance is positive and <= 0.10."

@@ -7,8 +7,10 @@
 #
 # Steps (NAME or NAME:SECONDS, default 300 s):
 #   env      GPU, driver, versions, commit          check    kernel numerics, quick (-x)
+#   tptests  the tensor-parallel tests (NCCL ones need 2 GPUs)
 #   suite    tox -e gpu's two pytest runs           record   profiling record --force --processes 3
-#   gate     python -m profiling gate               proof    planted regressions (scripts.gate_proof)
+#   gate     python -m profiling gate               proof    planted regressions (scripts.gate_proof;
+#                                                            PROOF_ARGS: e.g. "--plants" for none)
 #   ncu      scripts.ncu_nvtx_check                 report   python -m profiling (report folder)
 #   traces   scripts.capture_traces                 tune     python -m profiling.tune
 #   bench    python -m profiling bench --save
@@ -46,12 +48,14 @@ for spec in "$@"; do
     check) step check "$limit" python3 -m pytest -x -q -p no:cacheprovider -m "not bench and not timing" \
         tests/test_linear_residual_numerics.py tests/test_rms_norm_linear_numerics.py \
         tests/test_rms_norm_swiglu_numerics.py tests/test_registry.py ;;
+    tptests) TAILN=15 step tptests "$limit" python3 -m pytest -q -p no:cacheprovider -rs \
+        tests/test_tensor_parallel.py tests/test_profiling_tp.py ;;
     suite) TAILN=15 step suite "$limit" bash -c 'python3 -m pytest -q -p no:cacheprovider -m "not bench and not timing" -n auto -rs && python3 -m pytest -q -p no:cacheprovider -m timing -rs' ;;
     record) TAILN=40 step record "$limit" python3 -m profiling record --force --processes 3
             cp perf_baselines/*/baseline.json "$STAGE/" 2>/dev/null; pack ;;
     gate) TAILN=20 step gate "$limit" python3 -m profiling gate --out "$STAGE/gate" ;;
     proof) TAILN=25 step proof "$limit" python3 -m scripts.gate_proof --out "$STAGE/proof" \
-        --gpus $(seq 0 $((GPUS - 1))) ;;
+        --gpus $(seq 0 $((GPUS - 1))) ${PROOF_ARGS:-} ;;
     ncu) TAILN=20 step ncu "$limit" python3 -m scripts.ncu_nvtx_check --out "$STAGE/ncu" ;;
     report) TAILN=80 step report "$limit" python3 -m profiling --out "$STAGE/report" ;;
     traces) step traces "$limit" python3 -m scripts.capture_traces --out "$STAGE/traces" ;;

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from gate_helpers import small_model, synthetic_report
 
 from profiling import baselines
@@ -43,6 +44,8 @@ def _env(**extra) -> dict:
 @pytest.fixture(scope="module")
 def tp_run(tmp_path_factory):
     """One real launch: torchrun, two ranks, gloo, profiling measure on the small model."""
+    if torch.cuda.is_available():
+        pytest.skip("the CPU (gloo) launch; on GPUs `scripts/gpu_pass.sh tp` measures over NCCL")
     out = tmp_path_factory.mktemp("tp-measure")
     result = subprocess.run(
         [

@@ -490,7 +490,11 @@ def test_a_missing_rank_is_an_error_not_a_hang(monkeypatch):
 
 
 def test_torchrun_two_ranks_only_rank_0_prints(tmp_path):
-    """The real launch: torchrun, two processes, gloo; one report, from rank 0."""
+    """The real launch: torchrun, two processes (gloo on CPU, NCCL on two GPUs); one report,
+    from rank 0."""
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        _two_gpus()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
     result = subprocess.run(
@@ -504,7 +508,7 @@ def test_torchrun_two_ranks_only_rank_0_prints(tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("decode:") == 1, result.stdout
-    assert "tensor parallel 2 ranks (gloo)" in result.stdout
+    assert f"tensor parallel 2 ranks ({backend})" in result.stdout
     assert "not applicable: o_proj_residual, down_proj_residual" in result.stdout
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import os
 import warnings
 from pathlib import Path
 
@@ -49,7 +50,18 @@ def run_ranks(worker, tmp_path: Path, *args, world_size: int = 2, backend: str =
     """``worker(parallel, device, *args)`` on ``world_size`` ranks -> each rank's result."""
     out_dir = Path(tmp_path) / f"ranks-{worker.__name__}"
     out_dir.mkdir(parents=True)
-    mp.spawn(_entry, args=(world_size, backend, out_dir, worker, args), nprocs=world_size)
+    # gloo ranks hold CPU tensors: their kernels run interpreted even on a GPU machine (the
+    # spawned processes read the backend from the environment they inherit).
+    saved = os.environ.get("FUSIONGUARD_TRITON")
+    if backend == "gloo":
+        os.environ["FUSIONGUARD_TRITON"] = "interpreted"
+    try:
+        mp.spawn(_entry, args=(world_size, backend, out_dir, worker, args), nprocs=world_size)
+    finally:
+        if saved is None:
+            os.environ.pop("FUSIONGUARD_TRITON", None)
+        else:
+            os.environ["FUSIONGUARD_TRITON"] = saved
     return [torch.load(out_dir / f"rank{r}.pt") for r in range(world_size)]
 
 
