@@ -63,11 +63,12 @@ for spec in "$@"; do
     bench) TAILN=20 step bench "$limit" python3 -m profiling bench --save ;;
     tp|tpgate) if [ "$GPUS" -lt 2 ]; then echo "=== $name: needs 2 GPUs, $GPUS here"; continue; fi ;;&
     tp) TAILN=40 step tp "$limit" bash -c '
-          set -e
           # Short plan: one batch size, 5 rounds; at 8B the whole-model fp32 check is skipped
-          # (it says why) and the per-fusion numerics run.
+          # (it says why) and the per-fusion numerics run. Each run has its share of the step
+          # (TP_SPLIT seconds for TP=2), so that a slow TP=2 run still leaves TP=1 its turn.
           plan="--size 8b --batches 1 --rounds 5 --seed 0"
-          torchrun --standalone --nproc-per-node 2 -m profiling measure $plan --out "$0/tp2-8b"
+          timeout "${TP_SPLIT:-240}" torchrun --standalone --nproc-per-node 2 -m profiling \
+            measure $plan --out "$0/tp2-8b"
           CUDA_VISIBLE_DEVICES=0 python3 -m profiling measure $plan --out "$0/tp1-8b"
           python3 -m scripts.tp_compare "$0/tp1-8b" "$0/tp2-8b" | tee "$0/tp-8b.txt"' "$STAGE" ;;
     tpgate) TAILN=40 step tpgate "$limit" bash -c '
