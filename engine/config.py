@@ -261,13 +261,30 @@ class Qwen3Config:
         return dataclasses.replace(self, **changes)
 
 
-# The dense Qwen3 sizes the suite benchmarks and tunes for (dimensions from their published
-# config.json files); the rest of each config is the 0.6B default's.
+# The dense Qwen3 sizes the suite benchmarks, tunes for and decodes (`--size`): what differs
+# from the 0.6B default in their published config.json files (all four keep 8 KV heads,
+# head_dim 128 and the vocabulary; 8B alone has an untied LM head).
 QWEN3_SIZES = {
     "0.6b": {"hidden_size": 1024, "intermediate_size": 3072, "num_attention_heads": 16},
-    "1.7b": {"hidden_size": 2048, "intermediate_size": 6144, "num_attention_heads": 16},
-    "4b": {"hidden_size": 2560, "intermediate_size": 9728, "num_attention_heads": 32},
-    "8b": {"hidden_size": 4096, "intermediate_size": 12288, "num_attention_heads": 32},
+    "1.7b": {
+        "hidden_size": 2048,
+        "intermediate_size": 6144,
+        "num_attention_heads": 16,
+        "num_hidden_layers": 28,
+    },
+    "4b": {
+        "hidden_size": 2560,
+        "intermediate_size": 9728,
+        "num_attention_heads": 32,
+        "num_hidden_layers": 36,
+    },
+    "8b": {
+        "hidden_size": 4096,
+        "intermediate_size": 12288,
+        "num_attention_heads": 32,
+        "num_hidden_layers": 36,
+        "tie_word_embeddings": False,
+    },
 }
 
 

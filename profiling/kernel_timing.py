@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from engine.program import Fusion, call_fused, draw_inputs, external_reads, run_unfused, span_ops
+from profiling.ranks import aligner
 
 LAYERS = 28
 REFERENCE_UNFUSED = "unfused"
@@ -48,9 +49,12 @@ class GraphChain:
                     call(inputs)
         torch.cuda.synchronize()
 
-    def time_us(self, replays: int) -> float:
-        """Event-timed µs per call over ``replays`` replays."""
+    def time_us(self, replays: int, align: Callable[[], None] | None = None) -> float:
+        """Event-timed µs per call over ``replays`` replays (``align``: start every rank
+        together first, for chains of collectives)."""
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if align is not None:
+            align()
         start.record()
         for _ in range(replays):
             self.graph.replay()
@@ -124,6 +128,7 @@ def time_chains(
     reps: int,
     rounds: int,
     replays: int,
+    align: Callable[[], None] | None = None,
 ) -> dict[str, list[float]]:
     """µs per call of each implementation per round, interleaved. Fixed counts throughout
     (no loop that runs until a time is reached): under TP every rank replays the same chains
@@ -136,7 +141,7 @@ def time_chains(
     for r in range(rounds):
         # Alternate the order round by round (ABC, CBA, ...): drift within a round cancels.
         for name in order if r % 2 == 0 else reversed(order):
-            us[name].append(chains[name].time_us(replays))
+            us[name].append(chains[name].time_us(replays, align))
     del chains
     return us
 
@@ -175,7 +180,8 @@ def time_all_reduce_residual(
         "fused": lambda i: ar.all_reduce_residual(i["x"], i["residual"], group, out=i["residual"]),
         REFERENCE_UNFUSED: lambda i: ar.reference(i["x"], i["residual"], group),
     }
-    us = time_chains(impls, input_sets, reps=reps, rounds=rounds, replays=replays)
+    align = aligner(parallel, device)  # every rank starts each timed chain together
+    us = time_chains(impls, input_sets, reps=reps, rounds=rounds, replays=replays, align=align)
     return RatioResult("all_reduce_residual", rows, us)
 
 

@@ -12,6 +12,7 @@ With one process (no torchrun) ``Ranks.single()`` makes every helper a no-op.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -75,3 +76,21 @@ def differences(per_rank: list[dict]) -> list[str]:
             if first.get(key) != data.get(key):
                 out.append(f"{key}: rank 0 {first.get(key)}, rank {rank} {data.get(key)}")
     return out
+
+
+def aligner(parallel, device: torch.device) -> Callable[[], None] | None:
+    """For ranks of a sharded model: a call that starts a timed region on every rank together
+    (a tiny all-reduce on the device, then wait for it: the ranks' GPUs leave it together and
+    so do their hosts). Without it a rank whose host arrives late (a longer ``gc.collect``,
+    say) charges its wait to every peer's timer, since each collective meets the late rank.
+    None for a single process."""
+    if parallel is None or not parallel.sharded:
+        return None
+    flag = torch.ones(1, device=device)
+
+    def align() -> None:
+        dist.all_reduce(flag, group=parallel.group)
+        if flag.device.type == "cuda":
+            torch.cuda.synchronize(flag.device)
+
+    return align

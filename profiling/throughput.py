@@ -33,6 +33,7 @@ import torch
 from engine import fusions as registry
 from engine.flags import FusionFlags
 from engine.program import Fusion
+from profiling.ranks import aligner
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,12 +113,14 @@ def random_prompt(vocab_size: int, batch: int, prompt_len: int, device, seed: in
     return torch.randint(0, vocab_size, (batch, prompt_len), generator=generator).to(device)
 
 
-def _decode_rate(runner, token, prompt_len: int, new_tokens: int) -> float:
+def _decode_rate(runner, token, prompt_len: int, new_tokens: int, align=None) -> float:
     runner.rewind(prompt_len)
     _sync(runner.device)
     gc.collect()
     gc.disable()  # eager decode is host-bound: keep the collector out of the timed steps
     try:
+        if align is not None:  # tensor parallel: every rank starts its timer together
+            align()
         start = time.perf_counter()
         for _ in range(new_tokens):
             token = runner.decode(token).argmax(-1)
@@ -147,6 +150,7 @@ def measure_variants(
     )
     prompt = random_prompt(model.config.vocab_size, batch, settings.prompt_len, model.device)
     saved = model.flags
+    align = aligner(getattr(model, "parallel", None), model.device)
     rates: dict[str, list[float]] = {v.name: [] for v in variants}
     try:
         with torch.inference_mode():
@@ -155,7 +159,9 @@ def measure_variants(
                 order = variants if r % 2 == 0 else list(reversed(variants))
                 for v in order:
                     model.flags = v.flags()
-                    rate = _decode_rate(runner, first, settings.prompt_len, settings.new_tokens)
+                    rate = _decode_rate(
+                        runner, first, settings.prompt_len, settings.new_tokens, align
+                    )
                     if r >= settings.warmup:
                         rates[v.name].append(rate)
                 if progress is not None:

@@ -60,7 +60,10 @@ for spec in "$@"; do
     report) TAILN=80 step report "$limit" python3 -m profiling --out "$STAGE/report" ;;
     traces) step traces "$limit" python3 -m scripts.capture_traces --out "$STAGE/traces" ;;
     tune) TAILN=30 step tune "$limit" python3 -m profiling.tune --out "$STAGE/configs" ;;
-    bench) TAILN=20 step bench "$limit" python3 -m profiling bench --save ;;
+    bench) TAILN=20 step bench "$limit" python3 -m profiling bench --save
+           # the saved pytest-benchmark JSON (per-call times, paths, peers) comes back too
+           mkdir -p "$STAGE/bench" && cp -r perf_baselines/*/*-CPython-* "$STAGE/bench/" 2>/dev/null
+           pack ;;
     tp|tpgate) if [ "$GPUS" -lt 2 ]; then echo "=== $name: needs 2 GPUs, $GPUS here"; continue; fi ;;&
     tp) TAILN=40 step tp "$limit" bash -c '
           # Short plan: one batch size, 5 rounds; at 8B the whole-model fp32 check is skipped

@@ -206,3 +206,29 @@ def test_replace_checks_the_new_values():
         engine.default_config().replace(rope_theta=0.0)
     with pytest.raises(ValueError, match="tie_word_embeddings must be a JSON boolean"):
         engine.default_config().replace(tie_word_embeddings="false")
+
+
+# Parameter counts the Qwen3 model cards publish (billions: total, non-embedding).
+PUBLISHED_PARAMETERS = {
+    "0.6b": (0.6, 0.44),
+    "1.7b": (1.7, 1.4),
+    "4b": (4.0, 3.6),
+    "8b": (8.2, 6.95),
+}
+
+
+@pytest.mark.parametrize("size", sorted(PUBLISHED_PARAMETERS))
+def test_each_size_has_the_published_parameter_count(size):
+    """--size decodes the real architecture: layers, widths and an untied LM head all count
+    (counted on the meta device: no memory)."""
+    from engine.config import qwen3_config
+    from engine.qwen3 import Qwen3ForCausalLM, on_meta
+
+    with on_meta(torch.bfloat16):
+        model = Qwen3ForCausalLM(qwen3_config(size))
+    total = sum(p.numel() for p in model.parameters()) / 1e9
+    embedding = model.config.vocab_size * model.config.hidden_size / 1e9
+    lm_head = 0 if model.config.tie_word_embeddings else embedding
+    want_total, want_body = PUBLISHED_PARAMETERS[size]
+    assert total - embedding - lm_head == pytest.approx(want_body, rel=0.03)
+    assert total == pytest.approx(want_total, rel=0.05)

@@ -159,3 +159,14 @@ def test_each_tp_size_has_its_own_baseline_folder(tmp_path):
     # A run on another rank count is never compared with it.
     with pytest.raises(BaselineMismatch, match="tensor parallel over 1 rank"):
         baselines.check_comparable(one, make_baseline(two))
+
+
+def test_aligned_ranks_start_their_timers_together(tmp_path):
+    """A rank that comes late (a longer gc.collect, a slower host) must not start its peers'
+    timers early: after align() the ranks' clocks read within a few ms of each other."""
+    import tp_workers
+
+    late = 0.4
+    ranks = tp_workers.run_ranks(tp_workers.aligned_clocks, tmp_path, late)
+    gap = abs(ranks[0]["after"].item() - ranks[1]["after"].item())
+    assert gap < 0.05, f"rank 0 left align() {gap:.3f} s apart from the late rank"

@@ -180,3 +180,16 @@ def cuda_graph_decode(parallel, device, config, prompt, steps, flags):
         "eager_tokens": eager_tokens,
         "tokens": graph_tokens,
     }
+
+
+def aligned_clocks(parallel, device, late_s):
+    """Rank 1 arrives ``late_s`` late; each rank's monotonic clock right after align()."""
+    import time
+
+    from profiling.ranks import aligner
+
+    align = aligner(parallel, device)
+    if parallel.rank == 1:
+        time.sleep(late_s)
+    align()
+    return {"after": torch.tensor(time.monotonic(), dtype=torch.float64)}
