@@ -82,21 +82,21 @@ class _CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _norm_qkv_ops(fusions) -> list[str]:
+def _norm_qkv_ops(fusions, device) -> list[str]:
     g = torch.Generator().manual_seed(0)
-    residual = torch.randn(2, 64, generator=g)
-    norm_weight = torch.randn(64, generator=g)
-    qkv_weight = torch.randn(96, 64, generator=g)
+    residual = torch.randn(2, 64, generator=g).to(device)
+    norm_weight = torch.randn(64, generator=g).to(device)
+    qkv_weight = torch.randn(96, 64, generator=g).to(device)
     with _CountOps() as mode:
         fusions.get("norm_qkv_proj").fused(residual, norm_weight, 1e-6, qkv_weight)
     return mode.ops
 
 
-def test_tp_extra_kernel_adds_an_op_to_every_norm_qkv_proj_call(tmp_path):
+def test_tp_extra_kernel_adds_an_op_to_every_norm_qkv_proj_call(tmp_path, device):
     from engine import fusions
 
-    before = _norm_qkv_ops(fusions)
-    after = _norm_qkv_ops(_planted_fusions(tmp_path, "tp_extra_kernel"))
+    before = _norm_qkv_ops(fusions, device)
+    after = _norm_qkv_ops(_planted_fusions(tmp_path, "tp_extra_kernel"), device)
     assert after.count("aten.add_") == before.count("aten.add_") + 1, (before, after)
 
 
