@@ -18,6 +18,10 @@
 #            same on one GPU: decode tok/s of TP=2 and TP=1 from one pass (tp-8b.txt)
 #   tpgate   (>= 2 GPUs) torchrun -m profiling record --force, then gate, on 2 ranks
 #            (perf_baselines/<gpu-slug>/tp2/; TP_SIZE=0.6b by default)
+#   tpproof  (>= 2 GPUs) scripts.gate_proof --tp 2 on GPUs 0 1: the 4 TP plants and 3 unchanged
+#            runs, one torchrun gate (~75 s at 0.6B) after another, ~9 min: give it its own
+#            call (tpproof:590) after a tp2 baseline exists (tpgate, or committed); the full
+#            10-run proof (~18 min) takes two calls, e.g. PROOF_ARGS="--runs 7 --plants"
 set -uo pipefail
 OUT=${OUT:-out}
 STAGE="$OUT/pass"
@@ -64,7 +68,7 @@ for spec in "$@"; do
            # the saved pytest-benchmark JSON (per-call times, paths, peers) comes back too
            mkdir -p "$STAGE/bench" && cp -r perf_baselines/*/*-CPython-* "$STAGE/bench/" 2>/dev/null
            pack ;;
-    tp|tpgate) if [ "$GPUS" -lt 2 ]; then echo "=== $name: needs 2 GPUs, $GPUS here"; continue; fi ;;&
+    tp|tpgate|tpproof) if [ "$GPUS" -lt 2 ]; then echo "=== $name: needs 2 GPUs, $GPUS here"; continue; fi ;;&
     tp) TAILN=40 step tp "$limit" bash -c '
           # Short plan: one batch size, 5 rounds; at 8B the whole-model fp32 check is skipped
           # (it says why) and the per-fusion numerics run. Each run has its share of the step
@@ -79,6 +83,10 @@ for spec in "$@"; do
           torchrun --standalone --nproc-per-node 2 -m profiling record --force --size "${TP_SIZE:-0.6b}" --processes 2
           cp perf_baselines/*/tp2/baseline.json "$0/tp2-baseline.json"
           torchrun --standalone --nproc-per-node 2 -m profiling gate --out "$0/tpgate"' "$STAGE" ;;
+    tpproof) cp perf_baselines/*/tp2/baseline.json "$STAGE/tpproof-baseline.json" 2>/dev/null
+        # --runs before PROOF_ARGS: a later --runs there wins (argparse keeps the last).
+        TAILN=25 step tpproof "$limit" python3 -m scripts.gate_proof --tp 2 --out "$STAGE/tpproof" \
+        --gpus 0 1 --runs 3 ${PROOF_ARGS:-} ;;
     *) echo "unknown step $name"; exit 2 ;;
   esac
 done
