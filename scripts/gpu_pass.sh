@@ -80,7 +80,7 @@ for spec in "$@"; do
           python3 -m scripts.tp_compare "$0/tp1-8b" "$0/tp2-8b" | tee "$0/tp-8b.txt"' "$STAGE" ;;
     tpgate) TAILN=40 step tpgate "$limit" bash -c '
           set -e
-          torchrun --standalone --nproc-per-node 2 -m profiling record --force --size "${TP_SIZE:-0.6b}" --processes 2
+          torchrun --standalone --nproc-per-node 2 -m profiling record --force --size "${TP_SIZE:-0.6b}" --processes 3
           cp perf_baselines/*/tp2/baseline.json "$0/tp2-baseline.json"
           torchrun --standalone --nproc-per-node 2 -m profiling gate --out "$0/tpgate"' "$STAGE" ;;
     tpproof) cp perf_baselines/*/tp2/baseline.json "$STAGE/tpproof-baseline.json" 2>/dev/null
