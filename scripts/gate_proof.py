@@ -190,13 +190,15 @@ _RANK_EXIT = re.compile(r"^\s*rank\s*:\s*(\d+).*\n\s*exitcode\s*:\s*(-?\d+)", re
 def child_exit(returncode: int, log: str) -> int:
     """The gate's exit code from torchrun's: torchrun exits 1 whenever a rank fails (a gate
     FAIL, a missing baseline, a crash alike), so a failure is read from its report: rank 0's
-    code, else the first rank's listed."""
+    code, else the lowest rank's. A negative code is a rank torchrun stopped (a signal) after
+    another rank had exited: not that rank's own verdict."""
     if returncode == 0:
         return 0
     codes = {int(rank): int(code) for rank, code in _RANK_EXIT.findall(log)}
-    if not codes:
+    own = {rank: code for rank, code in codes.items() if code > 0}
+    if not own:
         return returncode
-    return codes.get(0, next(iter(codes.values())))
+    return own[min(own)]
 
 
 def gate_command(tp: int, out: Path) -> list[str]:

@@ -266,3 +266,30 @@ def test_a_tp_proof_runs_every_job_under_torchrun_and_reads_rank_0s_exit(tmp_pat
     assert "needs a CUDA GPU" in (out / "unchanged_1.log").read_text()
     printed = capsys.readouterr().out
     assert printed.count("UNEXPECTED") == 2, printed
+
+
+_TORCHRUN_REPORT = """
+Failures:
+[1]:
+  time      : 2026-11-25_19:30:57
+  host      : localhost
+  rank      : 0 (local_rank: 0)
+  exitcode  : {rank0} (pid: 2548)
+  error_file: <N/A>
+------------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  time      : 2026-11-25_19:30:57
+  host      : localhost
+  rank      : 1 (local_rank: 1)
+  exitcode  : {rank1} (pid: 2549)
+"""
+
+
+@pytest.mark.parametrize(
+    ("rank0", "rank1", "expected"), [(1, 1, 1), (3, 1, 3), (-15, 2, 2), (-15, -15, 1)]
+)
+def test_a_rank_torchrun_stopped_does_not_give_the_verdict(rank0, rank1, expected):
+    """Rank 1 exits first (2, no GPU), torchrun then stops rank 0 (-15): the verdict is 2."""
+    log = _TORCHRUN_REPORT.format(rank0=rank0, rank1=rank1)
+    assert gate_proof.child_exit(1, log) == expected
