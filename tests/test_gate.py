@@ -273,14 +273,20 @@ def test_record_refuses_to_overwrite_an_unusable_file_unless_forced(model, tmp_p
     write_baseline(synthetic_report(seed=26, model=model), root=tmp_path, force=True)
 
 
+def _committed_baselines() -> list:
+    """The single-process baselines in perf_baselines/ (skips while there are none)."""
+    files = sorted(baselines.BASELINE_ROOT.glob(f"*/{baselines.BASELINE_FILE}"))
+    if not files:
+        pytest.skip("no baseline committed yet")
+    return files
+
+
 def test_the_committed_baseline_is_usable_and_gates_every_fusion():
     """perf_baselines/ holds only files the tool wrote; each must validate and cover the
     registered fusions (or the gate would exit 3)."""
     from engine import fusions as registry
 
-    files = sorted(baselines.BASELINE_ROOT.glob(f"*/{baselines.BASELINE_FILE}"))
-    if not files:
-        pytest.skip("no baseline committed yet")
+    files = _committed_baselines()
     for path in files:
         data = json.loads(path.read_text())
         assert validate(data) == [], path
@@ -297,9 +303,7 @@ def test_the_committed_baseline_describes_the_code_as_it_is():
     from engine.qwen3 import Qwen3ForCausalLM, on_meta
     from profiling.measure import model_summary
 
-    files = sorted(baselines.BASELINE_ROOT.glob(f"*/{baselines.BASELINE_FILE}"))
-    if not files:
-        pytest.skip("no baseline committed yet")
+    files = _committed_baselines()
     for path in files:
         stored = json.loads(path.read_text())["model"]
         config = default_config().replace(**stored["config"])

@@ -13,15 +13,10 @@ backend and ptxas. On a GPU runner the real launches compile anyway: skipped the
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
+from engine_helpers import compile_for_hopper
 
 _RECORD_AND_COMPILE = r"""
 import dataclasses, inspect, json, sys
@@ -143,19 +138,9 @@ print(json.dumps(compiled))
 
 
 def test_every_engine_kernel_compiles_for_hopper():
-    import triton
-
     if torch.cuda.is_available():
         pytest.skip("on a GPU runner every launch compiles for the GPU itself")
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    if not ptxas.is_file():
-        pytest.skip("this Triton has no NVIDIA backend (ptxas) to compile with")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "FUSIONGUARD_TRITON": "compiled"}
-    env.update(TRITON_INTERPRET="0")
-    result = subprocess.run(
-        [sys.executable, "-c", _RECORD_AND_COMPILE], cwd=ROOT, env=env, capture_output=True,
-        text=True, timeout=600,
-    )  # fmt: skip
+    result = compile_for_hopper(_RECORD_AND_COMPILE)
     assert result.returncode == 0, result.stderr[-4000:]
     compiled = json.loads(result.stdout.strip().splitlines()[-1])
     kernels = {c["kernel"] for c in compiled}

@@ -12,25 +12,19 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import tp_workers
 from gate_helpers import small_model, synthetic_report
 
 from profiling import baselines
 from profiling.baselines import BaselineMismatch, BaselineMissing, make_baseline
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(**extra) -> dict:
@@ -41,20 +35,25 @@ def _env(**extra) -> dict:
     return env
 
 
+def _two_gloo_ranks(command: str, *args: str, cwd: Path):
+    """``torchrun --nproc-per-node 2 -m profiling COMMAND --tp 2 ARGS`` (gloo on CPU)."""
+    return subprocess.run(
+        [
+            sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+            "--master-port", str(tp_workers.free_port()), "-m", "profiling", command, "--tp", "2",
+            *args,
+        ],
+        cwd=cwd, env=_env(), capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def tp_run(tmp_path_factory):
     """One real launch: torchrun, two ranks, gloo, profiling measure on the small model."""
     if torch.cuda.is_available():
         pytest.skip("the CPU (gloo) launch; on GPUs `scripts/gpu_pass.sh tp` measures over NCCL")
     out = tmp_path_factory.mktemp("tp-measure")
-    result = subprocess.run(
-        [
-            sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-            "--master-port", str(_free_port()), "-m", "profiling", "measure", "--tp", "2",
-            "--seed", "5", "--out", str(out / "run"),
-        ],
-        cwd=out, env=_env(), capture_output=True, text=True, timeout=240,
-    )  # fmt: skip
+    result = _two_gloo_ranks("measure", "--seed", "5", "--out", str(out / "run"), cwd=out)
     assert result.returncode == 0, result.stderr[-3000:]
     return result, out
 
@@ -164,8 +163,6 @@ def test_each_tp_size_has_its_own_baseline_folder(tmp_path):
 def test_aligned_ranks_start_their_timers_together(tmp_path):
     """A rank that comes late (a longer gc.collect, a slower host) must not start its peers'
     timers early: after align() the ranks' clocks read within a few ms of each other."""
-    import tp_workers
-
     late = 0.4
     ranks = tp_workers.run_ranks(tp_workers.aligned_clocks, tmp_path, late)
     gap = abs(ranks[0]["after"].item() - ranks[1]["after"].item())
@@ -177,14 +174,9 @@ def test_the_report_breaks_each_ranks_step_down(tmp_path):
     rank and variant."""
     if torch.cuda.is_available():
         pytest.skip("the CPU (gloo) launch; on GPUs `scripts/gpu_pass.sh` runs the TP report")
-    result = subprocess.run(
-        [
-            sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-            "--master-port", str(_free_port()), "-m", "profiling", "report", "--tp", "2",
-            "--seed", "3", "--out", str(tmp_path / "report"),
-        ],
-        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=240,
-    )  # fmt: skip
+    result = _two_gloo_ranks(
+        "report", "--seed", "3", "--out", str(tmp_path / "report"), cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     per_rank = report["breakdown_per_rank"]

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -25,7 +24,12 @@ import pytest
 import safetensors.torch
 import torch
 import tp_workers
-from engine_helpers import assert_greedy_equal, assert_logits_close, small_config
+from engine_helpers import (
+    assert_greedy_equal,
+    assert_logits_close,
+    compile_for_hopper,
+    small_config,
+)
 
 import engine
 from engine import fusions as registry
@@ -371,17 +375,7 @@ def test_the_one_shot_kernel_compiles_for_hopper():
     """No GPU here, but Triton compiles for one: the untested CUDA path is at least valid
     Triton and PTX (ptxas takes its signal atomics), with system-scope release/acquire
     signals and no multicast instruction."""
-    import triton
-
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    if not ptxas.is_file():
-        pytest.skip("this Triton has no NVIDIA backend (ptxas) to compile with")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "FUSIONGUARD_TRITON": "compiled"}
-    env.update(TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
-    result = subprocess.run(
-        [sys.executable, "-c", _COMPILE], cwd=ROOT, env=env, capture_output=True, text=True,
-        timeout=240,
-    )  # fmt: skip
+    result = compile_for_hopper(_COMPILE, TRITON_DEFAULT_FP_FUSION="1")
     assert result.returncode == 0, result.stderr
     ptx = result.stdout
     assert "atom.release.sys.global.cas.b32" in ptx and "atom.acquire.sys.global.cas.b32" in ptx
@@ -481,18 +475,12 @@ def test_cli_tp_must_be_positive(tmp_path, capsys):
     assert "argument --tp: must be an integer >= 1, got 0" in capsys.readouterr().err
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_a_missing_rank_is_an_error_not_a_hang(monkeypatch):
     """Rank 0 of 2 alone: the process group does not form, and it says so within the timeout."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    monkeypatch.setenv("MASTER_PORT", str(tp_workers.free_port()))
     start = time.monotonic()
     with pytest.raises(ParallelError, match="2 ranks did not form a process group within 2 s"):
         tp.init_distributed(2, timeout_s=2)
@@ -511,7 +499,7 @@ def test_torchrun_two_ranks_only_rank_0_prints(tmp_path):
     result = subprocess.run(
         [
             sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-            "--master-port", str(_free_port()), "-m", "engine", "--tp", "2",
+            "--master-port", str(tp_workers.free_port()), "-m", "engine", "--tp", "2",
             "--config", _config_file(tmp_path), "--dtype", "float32",
             "--prompt-len", "4", "--max-new-tokens", "3",
         ],

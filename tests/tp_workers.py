@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+import socket
 import warnings
 from pathlib import Path
 
@@ -44,6 +45,13 @@ def _entry(rank, world_size, backend, out_dir, worker, args):
         torch.save(result, out_dir / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def free_port() -> int:
+    """A TCP port free right now on this host (for a rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_ranks(worker, tmp_path: Path, *args, world_size: int = 2, backend: str = "gloo"):
