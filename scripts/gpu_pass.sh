@@ -8,7 +8,7 @@
 # Steps (NAME or NAME:SECONDS, default 300 s):
 #   env      GPU, driver, versions, commit          check    kernel numerics, quick (-x)
 #   tptests  the tensor-parallel tests (NCCL ones need 2 GPUs)
-#   suite    tox -e gpu's two pytest runs           record   profiling record --force --processes 3
+#   suite    tox -e gpu's three commands            record   profiling record --force --processes 3
 #   gate     python -m profiling gate               proof    planted regressions (scripts.gate_proof;
 #                                                            PROOF_ARGS: e.g. "--plants" for none)
 #   ncu      scripts.ncu_nvtx_check                 report   python -m profiling (report folder)
@@ -55,7 +55,9 @@ for spec in "$@"; do
     tptests) TAILN=15 step tptests "$limit" python3 -m pytest -q -p no:cacheprovider -rs \
         tests/test_tensor_parallel.py tests/test_profiling_tp.py ;;
     # Both halves run even when the first fails (a pass gathers all it can); rc: the worse.
-    suite) TAILN=15 step suite "$limit" bash -c 'python3 -m pytest -q -p no:cacheprovider -m "not bench and not timing" -n auto -rs; a=$?; python3 -m pytest -q -p no:cacheprovider -m timing -rs; b=$?; exit $(( a > b ? a : b ))' ;;
+    # tox -e gpu's three commands; each runs even when one before it fails (a pass gathers all
+    # it can), each prints its time; rc: the worst.
+    suite) TAILN=25 step suite "$limit" bash -c 'rc=0; for cmd in "pytest -q -p no:cacheprovider -m \"not bench and not timing\" -n auto -rs" "pytest -q -p no:cacheprovider -m timing -rs" "profiling gate"; do t=$SECONDS; eval python3 -m $cmd; r=$?; echo "--- python -m $cmd: rc=$r in $((SECONDS - t)) s"; [ $r -gt $rc ] && rc=$r; done; exit $rc' ;;
     record) TAILN=40 step record "$limit" python3 -m profiling record --force --processes 3
             cp perf_baselines/*/baseline.json "$STAGE/" 2>/dev/null; pack ;;
     gate) TAILN=20 step gate "$limit" python3 -m profiling gate --out "$STAGE/gate" ;;
