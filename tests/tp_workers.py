@@ -165,6 +165,74 @@ def all_reduce_residual_paths(parallel, device, rows, hidden, dtype=torch.float3
     return out
 
 
+def all_reduce_residual_calls(parallel, device, rounds=6, dtype=torch.bfloat16):
+    """GPU: the one-shot kernel called back to back at decode shapes whose grids differ (so
+    each block's epoch advances on its own), one rank made late in turn (so the other waits, or
+    runs a call ahead), then a CUDA graph of three calls replayed with eager calls between
+    (replays alternate the halves they use). Returns every call's result and its float64
+    reference (gathered after the calls), the bound each must meet, the blocks' epochs
+    against the count of calls each block ran in."""
+    from kernels import all_reduce_residual as ar
+
+    reason = ar.unavailable_reason(device)
+    if reason is not None:
+        return {"reason": reason}
+    ws = ar._state[ar._group_key(device, None)]
+    start = ws.epochs.clone()
+    g = torch.Generator().manual_seed(99 + parallel.rank)
+    g_residual = torch.Generator().manual_seed(5)  # the same residual on every rank
+
+    def inputs(shape):
+        x = torch.randn(shape, generator=g).to(device, dtype)
+        return x, torch.randn(shape, generator=g_residual).to(device, dtype)
+
+    shapes = [(1, 4096), (8, 4096), (1, 1024), (8, 1024), (1, 4096)]
+    calls = []  # (x, residual, out)
+    for i, shape in enumerate(shapes * rounds):
+        x, residual = inputs(shape)
+        if i % 3 == parallel.rank:
+            torch.cuda._sleep(20_000)  # ~10 µs late: the peer waits at the barrier
+        calls.append((x, residual, ar.all_reduce_residual(x, residual)))
+    graph_shapes = [(1, 4096), (8, 4096), (1, 1024)]  # odd: replays alternate the halves
+    static = [inputs(shape) for shape in graph_shapes]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph_outs = [ar.all_reduce_residual(x, r) for x, r in static]
+    for replay in range(4):
+        for (x, r), shape in zip(static, graph_shapes, strict=True):
+            new_x, new_r = inputs(shape)
+            x.copy_(new_x)
+            r.copy_(new_r)
+        graph.replay()
+        for (x, r), out in zip(static, graph_outs, strict=True):
+            calls.append((x.clone(), r.clone(), out.clone()))
+        x, residual = inputs((8, 4096) if replay % 2 else (1, 1024))
+        calls.append((x, residual, ar.all_reduce_residual(x, residual)))
+    torch.cuda.synchronize()
+    ran = torch.zeros_like(start)
+    for x, _, _ in calls:
+        ran[: ar.launch_shape(x.numel(), x.element_size(), ws.layout).blocks] += 1
+    eps, eps32 = torch.finfo(dtype).eps, torch.finfo(torch.float32).eps
+    excess, fused = [], []
+    for x, residual, out in calls:
+        partials = [torch.empty_like(x) for _ in range(parallel.world_size)]
+        dist.all_gather(partials, x)
+        exact = ar.float64_reference(partials, residual)
+        terms = sum(p.double().abs() for p in partials) + residual.double().abs()
+        # One rounding to dtype of a float32 sum: an ulp, plus the float32 sum's own error.
+        bound = eps * exact.abs() + 4 * eps32 * terms
+        excess.append(((out.double() - exact).abs() - bound).max().item())
+        fused.append(out.flatten().cpu())
+    return {
+        "reason": "",
+        "excess": torch.tensor(excess),
+        "fused": torch.cat(fused),
+        "epochs_advanced": (ws.epochs - start).cpu(),
+        "blocks_ran": ran.cpu(),
+        "calls": torch.tensor(len(calls)),
+    }
+
+
 def cuda_graph_decode(parallel, device, config, prompt, steps, flags):
     """GPU: this rank's decode eager and replayed from CUDA graphs (NCCL all-reduces captured)."""
     import engine
