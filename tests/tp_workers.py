@@ -169,9 +169,9 @@ def all_reduce_residual_calls(parallel, device, rounds=6, dtype=torch.bfloat16):
     """GPU: the one-shot kernel called back to back at decode shapes whose grids differ (so
     each block's epoch advances on its own), one rank made late in turn (so the other waits, or
     runs a call ahead), then a CUDA graph of three calls replayed with eager calls between
-    (replays alternate the halves they use). Returns every call's result and its float64
-    reference (gathered after the calls), the bound each must meet, the blocks' epochs
-    against the count of calls each block ran in."""
+    (replays alternate the halves they use). Returns every call's result, how far each is
+    past its bound around the float64 reference (gathered after the calls), and the blocks'
+    epochs against the count of calls each block ran in."""
     from kernels import all_reduce_residual as ar
 
     reason = ar.unavailable_reason(device)
@@ -187,26 +187,31 @@ def all_reduce_residual_calls(parallel, device, rounds=6, dtype=torch.bfloat16):
         return x, torch.randn(shape, generator=g_residual).to(device, dtype)
 
     shapes = [(1, 4096), (8, 4096), (1, 1024), (8, 1024), (1, 4096)]
+    graph_shapes = [(1, 4096), (8, 4096), (1, 1024)]  # odd: replays alternate the halves
+    # Every input made first: between the calls only launches, no host copy syncing a rank.
+    eager_inputs = [inputs(shape) for shape in shapes * rounds]
+    static = [inputs(shape) for shape in graph_shapes]
+    replay_inputs = [
+        ([inputs(shape) for shape in graph_shapes], inputs((8, 4096) if k % 2 else (1, 1024)))
+        for k in range(4)
+    ]
     calls = []  # (x, residual, out)
-    for i, shape in enumerate(shapes * rounds):
-        x, residual = inputs(shape)
+    for i, (x, residual) in enumerate(eager_inputs):
         if i % 3 == parallel.rank:
             torch.cuda._sleep(20_000)  # ~10 µs late: the peer waits at the barrier
         calls.append((x, residual, ar.all_reduce_residual(x, residual)))
-    graph_shapes = [(1, 4096), (8, 4096), (1, 1024)]  # odd: replays alternate the halves
-    static = [inputs(shape) for shape in graph_shapes]
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         graph_outs = [ar.all_reduce_residual(x, r) for x, r in static]
-    for replay in range(4):
-        for (x, r), shape in zip(static, graph_shapes, strict=True):
-            new_x, new_r = inputs(shape)
-            x.copy_(new_x)
-            r.copy_(new_r)
+    for k, (graph_inputs, (x, residual)) in enumerate(replay_inputs):
+        for (static_x, static_r), (new_x, new_r) in zip(static, graph_inputs, strict=True):
+            static_x.copy_(new_x)
+            static_r.copy_(new_r)
+        if k % 2 == parallel.rank:
+            torch.cuda._sleep(20_000)
         graph.replay()
-        for (x, r), out in zip(static, graph_outs, strict=True):
-            calls.append((x.clone(), r.clone(), out.clone()))
-        x, residual = inputs((8, 4096) if replay % 2 else (1, 1024))
+        for (new_x, new_r), out in zip(graph_inputs, graph_outs, strict=True):
+            calls.append((new_x, new_r, out.clone()))
         calls.append((x, residual, ar.all_reduce_residual(x, residual)))
     torch.cuda.synchronize()
     ran = torch.zeros_like(start)
