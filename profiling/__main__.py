@@ -217,6 +217,8 @@ def cmd_report(args) -> int:
     current["eager"] = measure.measure_eager(model, plan)
     current["breakdown"] = _breakdown(model, current, plan)
     if RANKS.sharded:
+        # Each rank's own step times (its shards, its share of every collective's wait).
+        current["breakdown_per_rank"] = RANKS.gather(current["breakdown"])
         current["tp"] = measure.tp_summary(model, current, RANKS)
     current = RANKS.share(current)  # rank 0's figures: every rank reaches the same verdict
     status, verdict = EXIT_OK, None

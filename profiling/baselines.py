@@ -48,7 +48,8 @@ TOLERANCE_RULES = (
     "max(0.005, spread, 0.30 * gain)), floor = speed-up - tolerance (above 1 + gain/2: losing "
     "half the gain fails); a speed-up whose gain is not above twice its spread is stored as "
     "not gated, with the reason. Numerics: the rule of profiling/numerics.py, not stored. "
-    "Every tolerance is positive and <= 0.10."
+    "Every tolerance is positive; kernel-ratio and tok/s tolerances (relative) are <= 0.10, "
+    "speed-up tolerances (in speed-up units) <= 0.45 x the gain."
 )
 
 

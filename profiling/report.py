@@ -123,7 +123,14 @@ def numerics_summary(report: dict) -> str:
 def text(report: dict, baseline: dict | None) -> str:
     """The whole report as text, sections in the order a reader needs them."""
     sections = []
-    if report.get("breakdown"):
+    per_rank = report.get("breakdown_per_rank") or []
+    if len(per_rank) > 1:
+        columns = {f"{v} r{i}": bd[v] for v in per_rank[0] for i, bd in enumerate(per_rank)}
+        sections.append(
+            "Where a decode step's time goes, per rank (r0, r1, ...)\n"
+            + breakdown_mod.table(columns, meaningless=report.get("interpreted", False))
+        )
+    elif report.get("breakdown"):
         sections.append(
             "Where a decode step's time goes\n"
             + breakdown_mod.table(report["breakdown"], meaningless=report.get("interpreted", False))

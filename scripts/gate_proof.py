@@ -23,6 +23,23 @@ With several GPUs, runs go to them in parallel, one gate per GPU at a time. ``--
 judges the runs a proof stored (each run's gate.json) against the committed baseline again,
 without measuring: after a baseline is rebuilt, it shows what the stored runs would have got
 (in sample: those runs may be part of the new baseline; only a new proof is out of sample).
+
+Tensor parallel (``--tp N``): every run is ``torchrun --standalone --nproc-per-node N -m
+profiling gate --tp N`` on N GPUs of ``--gpus`` (taken N at a time: with ``--gpus 0 1`` and
+``--tp 2`` the runs go one after another), against ``perf_baselines/<gpu-slug>/tpN/`` (the tree
+must hold one: ``gpu_pass.sh tpgate`` records it). The verdict is rank 0's exit code (torchrun
+itself exits 1 for any failed rank; its failure report names each rank's code). Plants, offered
+only with ``--tp`` (o_proj_residual and down_proj_residual do not apply under TP):
+
+- ``tp_extra_kernel``     one extra kernel per norm_qkv_proj instance (an in-place add of 0)
+- ``tp_slow_all_reduce``  the one-shot all-reduce + residual kernel runs a dependent chain of
+                          1000 float32 FMAs per program after its sum (~2 µs a call, no
+                          numerical change): its kernel ratio against NCCL all-reduce + add
+- ``tp_flag_off``         norm_qkv_proj is no longer among the engine's default fusions
+- ``tp_numerics``         the all-reduce + residual kernel scales the residual by 1.01
+
+    python -m scripts.gate_proof --tp 2 --out tpproof --runs 10 --gpus 0 1   # ~18 min
+    python -m scripts.gate_proof --rejudge tpproof   # each run against its own tpN baseline
 """
 
 from __future__ import annotations
@@ -97,6 +114,40 @@ PLANTS = {
 }
 
 
+_AR_FMA_CHAIN = """
+    # planted: a dependent chain of {n} float32 FMAs per program, after the sum
+    slow = tl.sum(total, axis=0)
+    for _ in range({n}):
+        slow = slow * 1.0000001 + 1e-7
+    total += slow * 0.0
+"""
+AR_KERNEL = "kernels/all_reduce_residual.py"
+AR_RESIDUAL = "    r = tl.load(residual_ptr + offs, mask=mask).to(tl.float32)\n"
+NORM_QKV = (
+    "fused=lambda residual, norm_weight, eps, qkv_weight: rms_norm_linear(\n"
+    "            residual, norm_weight, qkv_weight, eps\n"
+    "        ),"
+)
+# Only under --tp: the single-GPU plants edit o_proj_residual, which never runs under TP.
+TP_PLANTS = {
+    "tp_extra_kernel": _sub(
+        "engine/fusions.py",
+        NORM_QKV,
+        NORM_QKV.replace("eps\n        ),", "eps\n        ).add_(0),"),
+    ),
+    "tp_slow_all_reduce": _sub(AR_KERNEL, AR_RESIDUAL, _AR_FMA_CHAIN.format(n=1000) + AR_RESIDUAL),
+    "tp_flag_off": _sub(
+        "engine/fusions.py",
+        'doc="input RMSNorm computed in the q/k/v projection\'s prologue",',
+        'doc="input RMSNorm computed in the q/k/v projection\'s prologue",\n        default=False,',
+    ),
+    "tp_numerics": _sub(
+        AR_KERNEL, AR_RESIDUAL, AR_RESIDUAL.replace(".to(tl.float32)", ".to(tl.float32) * 1.01")
+    ),
+}
+ALL_PLANTS = {**PLANTS, **TP_PLANTS}
+
+
 def copy_tree(dest: Path) -> None:
     """The working tree's tracked and untracked-but-not-ignored files, without .git."""
     try:
@@ -123,7 +174,7 @@ def copy_tree(dest: Path) -> None:
 
 
 def plant(tree: Path, name: str) -> None:
-    path, apply = PLANTS[name]
+    path, apply = ALL_PLANTS[name]
     target = tree / path
     text = target.read_text()
     changed = apply(text)
@@ -132,18 +183,74 @@ def plant(tree: Path, name: str) -> None:
     target.write_text(changed)
 
 
-def run_one(work: Path, label: str, name: str | None, gpu: str, out: Path) -> dict:
+# A torchrun failure report: each failed rank's number, then its exit code.
+_RANK_EXIT = re.compile(r"^\s*rank\s*:\s*(\d+).*\n\s*exitcode\s*:\s*(-?\d+)", re.M)
+
+
+def child_exit(returncode: int, log: str) -> int:
+    """The gate's exit code from torchrun's: torchrun exits 1 whenever a rank fails (a gate
+    FAIL, a missing baseline, a crash alike), so a failure is read from its report: rank 0's
+    code, else the lowest rank's. A negative code is a rank torchrun stopped (a signal) after
+    another rank had exited: not that rank's own verdict."""
+    if returncode == 0:
+        return 0
+    codes = {int(rank): int(code) for rank, code in _RANK_EXIT.findall(log)}
+    own = {rank: code for rank, code in codes.items() if code > 0}
+    if not own:
+        return returncode
+    return own[min(own)]
+
+
+def gate_command(tp: int, out: Path) -> list[str]:
+    gate = ["-m", "profiling", "gate"]
+    if tp == 1:
+        return [sys.executable, *gate, "--out", str(out)]
+    # torch.distributed.run is torchrun, under this interpreter.
+    torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={tp}"]
+    return [sys.executable, *torchrun, *gate, "--tp", str(tp), "--out", str(out)]
+
+
+# What torchrun sets for its workers: a proof started under torchrun must not pass them on.
+_TORCHRUN_ENV = (
+    "WORLD_SIZE",
+    "RANK",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
+
+
+def _failing(gate_json: Path, stdout: str) -> list[tuple[str, str]]:
+    """(stage, key) of each failing check: from the run's gate.json, else from its printout
+    (a gate that stopped before writing it)."""
+    try:
+        checks = json.loads(gate_json.read_text())["gate"]["checks"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return re.findall(r"^\s+FAIL \[([a-z_]+)\] (\S+)", stdout, flags=re.M)
+    return [(c["stage"], c["key"]) for c in checks if not c["ok"]]
+
+
+def run_one(work: Path, label: str, name: str | None, gpu: str, out: Path, tp: int = 1) -> dict:
     tree = work / label
     if tree.exists():
         shutil.rmtree(tree)
     copy_tree(tree)
     if name is not None:
         plant(tree, name)
+    # A gate.json left by an earlier proof in this folder must not stand for this run.
+    shutil.rmtree(out / label, ignore_errors=True)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpu, "PYTHONPATH": str(tree)}
+    if tp > 1:
+        env = {
+            k: v
+            for k, v in env.items()
+            if k not in _TORCHRUN_ENV and not k.startswith("TORCHELASTIC_")
+        }
     env.setdefault("FUSIONGUARD_COMMIT", "proof")
     started = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "profiling", "gate", "--out", str(out / label)],
+        gate_command(tp, out / label),
         cwd=tree,
         env=env,
         capture_output=True,
@@ -152,15 +259,16 @@ def run_one(work: Path, label: str, name: str | None, gpu: str, out: Path) -> di
     seconds = time.perf_counter() - started
     log = proc.stdout + proc.stderr
     (out / f"{label}.log").write_text(log)
-    failing = re.findall(r"^\s+FAIL \[([a-z_]+)\] (\S+)", proc.stdout, flags=re.M)
+    code = proc.returncode if tp == 1 else child_exit(proc.returncode, log)
+    failing = _failing(out / label / "gate.json", proc.stdout)
     gate_time = re.search(r"gate time: (\d+) s", proc.stdout)
     shutil.rmtree(tree, ignore_errors=True)
     return {
         "label": label,
         "plant": name,
         "gpu": gpu,
-        "exit": proc.returncode,
-        "verdict": {0: "PASS", 1: "FAIL", 2: "USAGE", 3: "NO BASELINE"}.get(proc.returncode, "?"),
+        "exit": code,
+        "verdict": {0: "PASS", 1: "FAIL", 2: "USAGE", 3: "NO BASELINE"}.get(code, "?"),
         "failing": [f"{stage} {key}" for stage, key in failing],
         "failing_stages": sorted({stage for stage, _ in failing}),
         "seconds": round(seconds, 1),
@@ -168,15 +276,17 @@ def run_one(work: Path, label: str, name: str | None, gpu: str, out: Path) -> di
     }
 
 
-def rejudge(folder: Path) -> int:
-    """Each stored run against the current baseline (timing checks that the run measured
-    twice are judged on the second measurement, as the gate did)."""
-    from profiling.baselines import compare, load_baseline
+def rejudge(folder: Path, root: Path | None = None) -> int:
+    """Each stored run against the current baseline of its GPU and TP size (timing checks that
+    the run measured twice are judged on the second measurement, as the gate did). ``root``:
+    the baselines folder (default: the committed one)."""
+    from profiling.baselines import BASELINE_ROOT, compare, load_baseline
 
     results = []
     for path in sorted(folder.glob("*/gate.json")):
         run = json.loads(path.read_text())
-        baseline = load_baseline(run["gpu_slug"])
+        tp = run["model"].get("tp", 1)
+        baseline = load_baseline(run["gpu_slug"], root=root or BASELINE_ROOT, tp=tp)
         run.pop("gate", None)
         failing = {(c.stage, c.key) for c in compare(run, baseline).failures}
         if "remeasured" in run:
@@ -206,26 +316,59 @@ def rejudge(folder: Path) -> int:
     return 0 if passed == len(unchanged) and failed == len(planted) else 1
 
 
+def _usage(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def gpu_groups(gpus: list[str], tp: int) -> list[str]:
+    """The CUDA_VISIBLE_DEVICES of each job slot: ``tp`` GPUs of ``gpus`` each, in order."""
+    return [",".join(gpus[i : i + tp]) for i in range(0, len(gpus) - tp + 1, tp)]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="proof")
     p.add_argument("--runs", type=int, default=10, help="runs of unchanged code")
-    p.add_argument("--plants", nargs="*", default=list(PLANTS), choices=list(PLANTS))
+    p.add_argument(
+        "--plants",
+        nargs="*",
+        default=None,
+        choices=list(ALL_PLANTS),
+        help=f"default: {', '.join(PLANTS)}; with --tp: {', '.join(TP_PLANTS)}",
+    )
     p.add_argument("--gpus", nargs="+", default=["0"])
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per gate (torchrun)")
     p.add_argument("--work", default="/tmp/fusionguard-proof")
     p.add_argument("--rejudge", type=Path, default=None, help="a proof folder to judge again")
     args = p.parse_args(argv)
     if args.rejudge is not None:
         return rejudge(args.rejudge)
+    if args.tp < 1:
+        return _usage(f"--tp must be >= 1, got {args.tp}")
+    if len(args.gpus) < args.tp or len(args.gpus) % args.tp:
+        return _usage(
+            f"--gpus lists {len(args.gpus)} GPU(s) ({' '.join(args.gpus)}): --tp {args.tp} "
+            f"takes {args.tp} per gate, so list a multiple of {args.tp}"
+        )
+    offered = TP_PLANTS if args.tp > 1 else PLANTS
+    plants = list(offered) if args.plants is None else args.plants
+    other = [name for name in plants if name not in offered]
+    if other:
+        where = f"with --tp {args.tp}" if args.tp > 1 else "without --tp"
+        return _usage(
+            f"--plants {' '.join(other)}: not offered {where} (choose from {', '.join(offered)})"
+        )
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     # Plants and unchanged runs alternate, so that a pass cut short has some of both.
     unchanged = [(f"unchanged_{i + 1}", None) for i in range(args.runs)]
-    planted = [(f"plant_{name}", name) for name in args.plants]
+    planted = [(f"plant_{name}", name) for name in plants]
     jobs = [job for pair in itertools.zip_longest(planted, unchanged) for job in pair if job]
+    slots = gpu_groups(args.gpus, args.tp)
     free: queue.Queue[str] = queue.Queue()
-    for gpu in args.gpus:
+    for gpu in slots:
         free.put(gpu)
     done: list[dict] = []
     lock = threading.Lock()
@@ -233,13 +376,15 @@ def main(argv=None) -> int:
     def job(label_name):
         gpu = free.get()
         try:
-            result = run_one(work, *label_name, gpu, out)
+            result = run_one(work, *label_name, gpu, out, args.tp)
         finally:
             free.put(gpu)
         with lock:  # written as it goes: a pass cut short keeps what finished
             done.append(result)
             (out / "proof.json").write_text(json.dumps({"results": done}, indent=1) + "\n")
-        mark = "ok" if (result["exit"] == 0) == (result["plant"] is None) else "UNEXPECTED"
+        # A plant must FAIL (exit 1): a run that never got to judge (2, 3) proves nothing.
+        expected = 0 if result["plant"] is None else 1
+        mark = "ok" if result["exit"] == expected else "UNEXPECTED"
         print(
             f"{result['label']:24s} gpu {gpu}: {result['verdict']:5s} {mark:10s} "
             f"{result['seconds']:5.0f} s  {', '.join(result['failing_stages'])}",
@@ -247,7 +392,7 @@ def main(argv=None) -> int:
         )
         return result
 
-    with concurrent.futures.ThreadPoolExecutor(len(args.gpus)) as pool:
+    with concurrent.futures.ThreadPoolExecutor(len(slots)) as pool:
         results = list(pool.map(job, jobs))
     unchanged = [r for r in results if r["plant"] is None]
     planted = [r for r in results if r["plant"] is not None]
@@ -257,6 +402,7 @@ def main(argv=None) -> int:
         "plants_failed": sum(r["exit"] == 1 for r in planted),
         "plants": len(planted),
         "max_gate_seconds": max((r["gate_seconds"] or 0) for r in results),
+        **({"tp": args.tp} if args.tp > 1 else {}),
         "results": results,
     }
     (out / "proof.json").write_text(json.dumps(summary, indent=1) + "\n")

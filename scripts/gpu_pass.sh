@@ -18,6 +18,10 @@
 #            same on one GPU: decode tok/s of TP=2 and TP=1 from one pass (tp-8b.txt)
 #   tpgate   (>= 2 GPUs) torchrun -m profiling record --force, then gate, on 2 ranks
 #            (perf_baselines/<gpu-slug>/tp2/; TP_SIZE=0.6b by default)
+#   tpproof  (>= 2 GPUs) scripts.gate_proof --tp 2 on GPUs 0 1: the 4 TP plants and 3 unchanged
+#            runs, one torchrun gate (~75 s at 0.6B) after another, ~9 min: give it its own
+#            call (tpproof:590) after a tp2 baseline exists (tpgate, or committed); the full
+#            10-run proof (~18 min) takes two calls, e.g. PROOF_ARGS="--runs 7 --plants"
 set -uo pipefail
 OUT=${OUT:-out}
 STAGE="$OUT/pass"
@@ -50,7 +54,8 @@ for spec in "$@"; do
         tests/test_rms_norm_swiglu_numerics.py tests/test_registry.py ;;
     tptests) TAILN=15 step tptests "$limit" python3 -m pytest -q -p no:cacheprovider -rs \
         tests/test_tensor_parallel.py tests/test_profiling_tp.py ;;
-    suite) TAILN=15 step suite "$limit" bash -c 'python3 -m pytest -q -p no:cacheprovider -m "not bench and not timing" -n auto -rs && python3 -m pytest -q -p no:cacheprovider -m timing -rs' ;;
+    # Both halves run even when the first fails (a pass gathers all it can); rc: the worse.
+    suite) TAILN=15 step suite "$limit" bash -c 'python3 -m pytest -q -p no:cacheprovider -m "not bench and not timing" -n auto -rs; a=$?; python3 -m pytest -q -p no:cacheprovider -m timing -rs; b=$?; exit $(( a > b ? a : b ))' ;;
     record) TAILN=40 step record "$limit" python3 -m profiling record --force --processes 3
             cp perf_baselines/*/baseline.json "$STAGE/" 2>/dev/null; pack ;;
     gate) TAILN=20 step gate "$limit" python3 -m profiling gate --out "$STAGE/gate" ;;
@@ -64,7 +69,7 @@ for spec in "$@"; do
            # the saved pytest-benchmark JSON (per-call times, paths, peers) comes back too
            mkdir -p "$STAGE/bench" && cp -r perf_baselines/*/*-CPython-* "$STAGE/bench/" 2>/dev/null
            pack ;;
-    tp|tpgate) if [ "$GPUS" -lt 2 ]; then echo "=== $name: needs 2 GPUs, $GPUS here"; continue; fi ;;&
+    tp|tpgate|tpproof) if [ "$GPUS" -lt 2 ]; then echo "=== $name: needs 2 GPUs, $GPUS here"; continue; fi ;;&
     tp) TAILN=40 step tp "$limit" bash -c '
           # Short plan: one batch size, 5 rounds; at 8B the whole-model fp32 check is skipped
           # (it says why) and the per-fusion numerics run. Each run has its share of the step
@@ -76,9 +81,13 @@ for spec in "$@"; do
           python3 -m scripts.tp_compare "$0/tp1-8b" "$0/tp2-8b" | tee "$0/tp-8b.txt"' "$STAGE" ;;
     tpgate) TAILN=40 step tpgate "$limit" bash -c '
           set -e
-          torchrun --standalone --nproc-per-node 2 -m profiling record --force --size "${TP_SIZE:-0.6b}" --processes 2
+          torchrun --standalone --nproc-per-node 2 -m profiling record --force --size "${TP_SIZE:-0.6b}" --processes 3
           cp perf_baselines/*/tp2/baseline.json "$0/tp2-baseline.json"
           torchrun --standalone --nproc-per-node 2 -m profiling gate --out "$0/tpgate"' "$STAGE" ;;
+    tpproof) cp perf_baselines/*/tp2/baseline.json "$STAGE/tpproof-baseline.json" 2>/dev/null
+        # --runs before PROOF_ARGS: a later --runs there wins (argparse keeps the last).
+        TAILN=25 step tpproof "$limit" python3 -m scripts.gate_proof --tp 2 --out "$STAGE/tpproof" \
+        --gpus 0 1 --runs 3 ${PROOF_ARGS:-} ;;
     *) echo "unknown step $name"; exit 2 ;;
   esac
 done

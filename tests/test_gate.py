@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from gate_helpers import H100, H200, small_model, synthetic_report
 
 from profiling import baselines
@@ -286,6 +287,31 @@ def test_the_committed_baseline_is_usable_and_gates_every_fusion():
         assert set(data["model"]["fusions"]) == {f.name for f in registry.all_fusions()}, path
         for key, e in data["kernel_ratios"].items():
             assert 0 < e["tolerance"] <= baselines.KERNEL_RATIO_CAP, key
+
+
+def test_the_committed_baseline_describes_the_code_as_it_is():
+    """A baseline gates the model and fusions it was recorded with: a fusion switched off by
+    default, a span, instance or kernel count changed in the code without re-recording fails
+    here on CPU (on a GPU the gate's flags and launch checks fail too)."""
+    from engine.config import default_config
+    from engine.qwen3 import Qwen3ForCausalLM, on_meta
+    from profiling.measure import model_summary
+
+    files = sorted(baselines.BASELINE_ROOT.glob(f"*/{baselines.BASELINE_FILE}"))
+    if not files:
+        pytest.skip("no baseline committed yet")
+    for path in files:
+        stored = json.loads(path.read_text())["model"]
+        config = default_config().replace(**stored["config"])
+        with on_meta(getattr(torch, stored["dtype"])):
+            model = Qwen3ForCausalLM(config)
+        now = model_summary(model)
+        assert now["default_fusions"] == stored["default_fusions"], (
+            f"{path}: default fusions {now['default_fusions']} in the code, "
+            f"{stored['default_fusions']} in the baseline: re-record it or restore the default"
+        )
+        for name, info in now["fusions"].items():
+            assert info == stored["fusions"][name], f"{path}: fusion {name} differs"
 
 
 # --------------------------------------------------------------------------------------------

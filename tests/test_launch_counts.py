@@ -462,3 +462,81 @@ def test_engine_launch_counts_are_exact(layered_model, graph):
         saved = none["kernels_per_step"] - counted["kernels_per_step"]
         assert saved == expected_saving(info, fusions, _per_instance(none)), spec
     model.flags = engine.FusionFlags.default()
+
+
+# --------------------------------------------------------------------------------------------
+# CPU: what each fused step dispatches (the interpreter's proxy for its kernel count)
+# --------------------------------------------------------------------------------------------
+
+# aten ops that only allocate or re-view memory: no kernel on a GPU. Anything else a fused
+# step dispatches outside its Triton kernel (an add, a copy, a zeros fill, a GEMM) would be a
+# kernel of its own there.
+NO_KERNEL_OPS = {
+    "empty.memory_format", "empty_strided.default", "new_empty.default",
+    "new_empty_strided.default", "empty_like.default", "view.default", "_unsafe_view.default",
+    "as_strided.default", "t.default", "transpose.int", "permute.default", "expand.default",
+    "unsqueeze.default", "squeeze.dim", "slice.Tensor", "select.int", "detach.default",
+    "alias.default", "split.Tensor", "unbind.int",
+}  # fmt: skip
+
+
+def _kernels_dispatched(call) -> tuple[list[str], list[str]]:
+    """(Triton kernels launched, kernel-launching aten ops) while ``call()`` runs through the
+    Triton interpreter. The interpreter's own copies in and out of its kernels are not the
+    step's: dispatch is not watched while a Triton kernel runs."""
+    from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+    from triton.runtime.interpreter import InterpretedFunction
+
+    launched: list[str] = []
+    ops: list[str] = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func).removeprefix("aten.")
+            if name not in NO_KERNEL_OPS:
+                ops.append(name)
+            return func(*args, **(kwargs or {}))
+
+    run = InterpretedFunction.run
+
+    def counted_run(self, *args, **kwargs):
+        launched.append(self.fn.__name__)
+        with _disable_current_modes():
+            return run(self, *args, **kwargs)
+
+    InterpretedFunction.run = counted_run
+    try:
+        with Watch():
+            call()
+    finally:
+        InterpretedFunction.run = run
+    return launched, ops
+
+
+@pytest.mark.parametrize("rows", [1, 8])
+@pytest.mark.parametrize("fusion", [f.name for f in __import__("engine").fusions.all_fusions()])
+def test_each_fused_step_dispatches_one_kernel(fusion, rows):
+    """The engine's fused callable of every registered fusion: one Triton kernel and nothing
+    else that would launch on a GPU (after a first call, which may allocate its workspace).
+    On a GPU, test_engine_launch_counts_are_exact counts the real kernels."""
+    from engine import fusions as registry
+    from engine.config import small_config
+    from engine.program import call_fused, draw_inputs, span_ops
+    from engine.qwen3 import Qwen3ForCausalLM
+    from kernels.runtime import INTERPRETING
+
+    if not INTERPRETING:
+        pytest.skip("counts the interpreter's launches; on a GPU the profiler counts kernels")
+    config = small_config()
+    with torch.device("meta"):
+        program = Qwen3ForCausalLM(config).program()
+    f = registry.get(fusion)
+    ops = span_ops(program, f)
+    generator = torch.Generator().manual_seed(rows)
+    inputs = draw_inputs(ops, config, rows, torch.float32, "cpu", generator)
+    call_fused(f, ops, inputs)  # first call: may allocate and zero a workspace, once
+    launched, aten = _kernels_dispatched(lambda: call_fused(f, ops, inputs))
+    assert len(launched) + len(aten) == 1, (
+        f"{fusion} at {rows} row(s) dispatched Triton kernels {launched} and kernel-launching "
+        f"aten ops {aten}: a fused step is one kernel"
+    )

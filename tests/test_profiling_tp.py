@@ -170,3 +170,28 @@ def test_aligned_ranks_start_their_timers_together(tmp_path):
     ranks = tp_workers.run_ranks(tp_workers.aligned_clocks, tmp_path, late)
     gap = abs(ranks[0]["after"].item() - ranks[1]["after"].item())
     assert gap < 0.05, f"rank 0 left align() {gap:.3f} s apart from the late rank"
+
+
+def test_the_report_breaks_each_ranks_step_down(tmp_path):
+    """Each rank's own step times (shards and collective waits differ by rank), one column per
+    rank and variant."""
+    if torch.cuda.is_available():
+        pytest.skip("the CPU (gloo) launch; on GPUs `scripts/gpu_pass.sh` runs the TP report")
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+            "--master-port", str(_free_port()), "-m", "profiling", "report", "--tp", "2",
+            "--seed", "3", "--out", str(tmp_path / "report"),
+        ],
+        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    per_rank = report["breakdown_per_rank"]
+    assert len(per_rank) == 2
+    for bd in per_rank:
+        assert set(bd) == {"default", "none"}
+        names = {r["name"] for r in bd["default"]["rows"]}
+        assert {"norm_qkv_proj", "o_proj_all_reduce", "down_proj_all_reduce"} <= names
+        assert all(r["us_per_step"] > 0 for r in bd["default"]["rows"])
+    assert "default r0 µs" in result.stdout and "default r1 µs" in result.stdout
