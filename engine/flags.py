@@ -30,9 +30,12 @@ class FusionFlags:
     # construction ---------------------------------------------------------------------------
 
     @classmethod
-    def default(cls) -> FusionFlags:
-        """The engine's default: every fusion registered with ``default=True``."""
-        return cls(f.name for f in registry.all_fusions() if f.default)
+    def default(cls, exclude: Iterable[str] = ()) -> FusionFlags:
+        """The engine's default: every fusion registered with ``default=True``, less
+        ``exclude`` (a tensor-parallel model leaves out the fusions it has no span for; their
+        replacements are defaults there and alternatives to them)."""
+        skip = set(exclude)
+        return cls(f.name for f in registry.all_fusions() if f.default and f.name not in skip)
 
     @classmethod
     def none(cls) -> FusionFlags:

@@ -30,9 +30,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine import fusions as registry
 from engine.config import Qwen3Config
 from engine.flags import FusionFlags
-from engine.program import ACT, CONST, CTX, PARAM, BoundOp, Op, Role, run_segments, segments
+from engine.program import (
+    ACT,
+    CONST,
+    CTX,
+    PARAM,
+    BoundOp,
+    Op,
+    Role,
+    run_segments,
+    segments,
+    span_instances,
+)
 from kernels.decode_attention import decode_attention
 from kernels.qk_norm_rope import qk_norm_rope_cache_write, rope_tables
 from kernels.rms_norm import rms_norm
@@ -369,7 +381,6 @@ class Qwen3ForCausalLM(nn.Module):
     def __init__(self, config: Qwen3Config, flags: FusionFlags | None = None):
         super().__init__()
         self.config = config
-        self.flags = flags if flags is not None else FusionFlags.default()
         self.model = Qwen3Model(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
@@ -379,6 +390,7 @@ class Qwen3ForCausalLM(nn.Module):
         self.reset_rope()
         self.ops = qwen3_ops(config)
         self._segments: dict[tuple, list] = {}
+        self.flags = flags if flags is not None else self.default_flags()
 
     def program(self) -> list[BoundOp]:
         """The unfused model as bound ops, in execution order."""
@@ -390,6 +402,23 @@ class Qwen3ForCausalLM(nn.Module):
         for name in ("residual_add", "final_norm", "lm_head"):
             out.append(BoundOp(ops[name], self, None))
         return out
+
+    @property
+    def not_applicable(self) -> list[str]:
+        """Registered fusions with no span in this program (they never run here)."""
+        program = self.program()
+        return [f.name for f in registry.all_fusions() if not span_instances(program, f)]
+
+    def unavailable(self) -> dict[str, str]:
+        """Registered fusions whose kernel cannot run for this model: name -> why (none in a
+        single process; engine/parallel.py's model has some)."""
+        return {}
+
+    def default_flags(self) -> FusionFlags:
+        """The default fusions that apply to this program and can run here (a tensor-parallel
+        process also registers fusions of all-reduces, which a single-process program has
+        none of)."""
+        return FusionFlags.default(exclude=[*self.not_applicable, *self.unavailable()])
 
     def segments(self) -> list:
         """The program cut by the enabled fusions (cached per flag setting)."""

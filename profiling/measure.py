@@ -131,12 +131,13 @@ def world_size(model) -> int:
 def default_flags(model) -> FusionFlags:
     """The default fusions that apply to ``model`` (under TP o_proj_residual and
     down_proj_residual never do: engine/parallel.py)."""
-    return model.default_flags() if hasattr(model, "default_flags") else FusionFlags.default()
+    return model.default_flags()
 
 
 def applicable_fusions(model) -> list:
-    """The registered fusions with a span in ``model``'s program, in registry order."""
-    skip = set(getattr(model, "not_applicable", ()))
+    """The registered fusions with a span in ``model``'s program whose kernel can run here,
+    in registry order (the ones that cannot run: model.unavailable(), each with why)."""
+    skip = {*model.not_applicable, *model.unavailable()}
     return [f for f in registry.all_fusions() if f.name not in skip]
 
 
@@ -368,7 +369,9 @@ def measure_numerics(model, plan: Plan, seed: int = 0, share=lambda v: v) -> lis
     """The per-fusion checks and the whole-model check (or, where it cannot fit, a skipped
     entry with its reason). Under TP every rank calls it (collectives inside)."""
     results: list = [*measure_fusion_numerics(model, plan, seed)]
-    if "all_reduce_residual" in {f.name for f in applicable_fusions(model)}:
+    # Registered and spanned (a TP model): checked, or skipped saying why its kernel cannot run.
+    spanned = {f.name for f in registry.all_fusions()} - set(model.not_applicable)
+    if "all_reduce_residual" in spanned:
         results += measure_all_reduce_residual_numerics(model, plan, seed)
     reason = model_numerics_skip_reason(model, share)
     if reason is None:

@@ -55,6 +55,12 @@ STEPS = 4
 TP_ULPS = 16
 EPS32 = torch.finfo(torch.float32).eps
 UNFUSED_UNDER_TP = {"o_proj_residual", "down_proj_residual"}
+# The TP default: the single-process defaults that still apply, and the TP-only defaults.
+TP_DEFAULT = FusionFlags.default(exclude=UNFUSED_UNDER_TP).enabled | {
+    f.name for f in tp.TP_FUSIONS if f.default
+}
+# On CPU (gloo) all_reduce_residual's kernel cannot run: the default leaves it out, saying why.
+TP_DEFAULT_ON_CPU = TP_DEFAULT - {"all_reduce_residual"}
 
 
 def _bound(ref: torch.Tensor) -> dict:
@@ -113,13 +119,18 @@ def test_two_ranks_match_one_process(tmp_path, flags):
     ranks = tp_workers.run_ranks(tp_workers.generate, tmp_path, CONFIG, prompt, STEPS, runs)
     got = ranks[0]["tp"]
     assert torch.equal(got["logits"], ranks[1]["tp"]["logits"]), "the ranks disagree"
-    expected = set() if flags == "none" else FusionFlags.default().enabled - UNFUSED_UNDER_TP
+    expected = set() if flags == "none" else TP_DEFAULT_ON_CPU
     assert set(filter(None, got["flags"].split(","))) == expected
+    said = "all_reduce_residual is not available here: the tensors are on cpu"
+    assert (said in got["warnings"]) == (flags == "default"), got["warnings"]
     assert got["not_applicable"] == "o_proj_residual,down_proj_residual"
     assert "o_proj,o_proj_all_reduce,attn_residual_add" in got["segments"]
     assert "down_proj,down_proj_all_reduce,residual_add" in got["segments"]
-    # One process, the same fusions (only the split differs), fed the same tokens.
-    model = engine.build(CONFIG, dtype=torch.float32, device="cpu", flags=got["flags"] or "none")
+    # One process, the same fusions (only the split differs; no all-reduce, so none of the TP
+    # ones), fed the same tokens.
+    tp_only = {f.name for f in tp.TP_FUSIONS}
+    single = ",".join(f for f in got["flags"].split(",") if f and f not in tp_only)
+    model = engine.build(CONFIG, dtype=torch.float32, device="cpu", flags=single or "none")
     ref = _teacher_forced(model, prompt, got["tokens"])
     _assert_matches(got["logits"], got["tokens"], ref, f"TP=2 vs TP=1 ({flags})")
     planted = ranks[0]["planted"]["logits"]
@@ -205,7 +216,7 @@ def test_all_reduce_residual_falls_back_on_gloo_with_a_warning(tmp_path):
     unfused ops and gets the default's logits bit for bit; the launcher itself raises saying
     why; the kernel file's references agree with the float64 sum of every rank's partial."""
     prompt = torch.randint(0, CONFIG.vocab_size, (1, 4))
-    on = ",".join(sorted(FusionFlags.default().enabled - UNFUSED_UNDER_TP)) + ",all_reduce_residual"
+    on = ",".join(sorted(TP_DEFAULT | {"all_reduce_residual"}))
     runs = [("on", on, False), ("default", "default", False)]
     ranks = tp_workers.run_ranks(tp_workers.generate, tmp_path, CONFIG, prompt, 3, runs)
     result = ranks[0]["on"]
@@ -310,15 +321,16 @@ def test_every_tensor_is_split_or_replicated_and_the_parts_make_the_whole():
 
 
 def test_fusions_that_no_longer_apply_are_left_out_or_refused(tp_fusions):
-    model = _sharded()
+    with pytest.warns(RuntimeWarning, match="all_reduce_residual is not available here"):
+        model = _sharded()
     assert model.not_applicable == ["o_proj_residual", "down_proj_residual"]
-    assert model.flags.enabled == FusionFlags.default().enabled - UNFUSED_UNDER_TP
+    assert model.flags.enabled == TP_DEFAULT_ON_CPU
     with pytest.raises(NotApplicable, match="o_proj_residual, down_proj_residual do not apply"):
-        model.flags = FusionFlags.default()
+        model.flags = FusionFlags(TP_DEFAULT - {"all_reduce_residual"} | UNFUSED_UNDER_TP)
     with pytest.raises(NotApplicable, match="down_proj_residual do not apply"):
         _sharded(flags="down_proj_residual")
     # Changed in place after assignment: refused when the program is cut.
-    model.flags.set(norm_qkv_proj=False, o_proj_residual=True)
+    model.flags.set(all_reduce_residual=False, o_proj_residual=True)
     with pytest.raises(NotApplicable, match="o_proj_residual do not apply"):
         model.segments()
     # The rest runs on the local shards; add_rms_norm (an alternative) too.
@@ -355,31 +367,81 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from kernels import all_reduce_residual as ar
 
-for dtype in ("*fp32", "*bf16"):
+for dtype, size in (("*fp32", 4), ("*bf16", 2)):
     for world_size in (2, 8):
+        layout = ar.buffer_layout(2048, world_size)
+        shape = ar.launch_shape(8 * 4096, size, layout)
         signature = dict.fromkeys(("x_ptr", "residual_ptr", "out_ptr"), dtype)
-        signature.update(buffer_ptrs="i64", signal_pad_ptrs="i64", numel="i32", rank="i32")
-        signature.update(WORLD_SIZE="constexpr", BLOCK="constexpr")
+        signature.update(buffer_ptrs="i64", signal_pad_ptrs="i64", epoch_ptr="*i32")
+        signature.update(numel="i32", rank="i32")
+        signature.update(dict.fromkeys(("WORLD_SIZE", "BLOCK", "SLOTS", "REGION"), "constexpr"))
+        constexprs = {"WORLD_SIZE": world_size, "BLOCK": shape.block, "SLOTS": layout.slots}
+        constexprs["REGION"] = layout.region_bytes // size
+        # What the launcher's JIT assumes of 16-byte aligned tensors and a numel % 16 == 0.
+        attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 5, 6)}
         source = ASTSource(
             fn=ar._one_shot_all_reduce_residual_kernel,
             signature=signature,
-            constexprs={"WORLD_SIZE": world_size, "BLOCK": 1024},
+            constexprs=constexprs,
+            attrs=attrs,
         )
-        kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+        options = {"num_warps": shape.num_warps}
+        kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
         assert kernel.asm["cubin"], (dtype, world_size)
+        print("=== KERNEL", dtype, world_size)
         print(kernel.asm["ptx"])
 """
 
 
 def test_the_one_shot_kernel_compiles_for_hopper():
     """No GPU here, but Triton compiles for one: the untested CUDA path is at least valid
-    Triton and PTX (ptxas takes its signal atomics), with system-scope release/acquire
-    signals and no multicast instruction."""
+    Triton and PTX (ptxas takes its flag instructions). Each kernel meets its peers once (one
+    system-scope release store, one acquire spin, no 0/1 compare-and-swap to reset), moves
+    the peers' data in 16-byte vectors and has no multicast instruction."""
     result = compile_for_hopper(_COMPILE, TRITON_DEFAULT_FP_FUSION="1")
     assert result.returncode == 0, result.stderr
-    ptx = result.stdout
-    assert "atom.release.sys.global.cas.b32" in ptx and "atom.acquire.sys.global.cas.b32" in ptx
-    assert "multimem" not in ptx
+    kernels = result.stdout.split("=== KERNEL")[1:]
+    assert len(kernels) == 4
+    for ptx in kernels:
+        what = ptx.splitlines()[0]
+        assert ptx.count("st.release.sys.global.u32") == 1, what
+        assert ptx.count("ld.acquire.sys.global.u32") == 1, what
+        assert "atom." not in ptx and "multimem" not in ptx, what
+        # The peers' slots: vector stores (remote) and loads (local, .cv), none element-wise.
+        assert "ld.global.cv.v4" in ptx and not re.search(r"ld\.global\.cv\.b(16|32)", ptx), what
+
+
+def test_one_shot_blocks_own_fixed_regions_and_fit_the_signal_pad():
+    """Decode partials take one program (two to eight at [8, hidden]); every program's data
+    fits its region, every region and flag fits the buffer and the pad; a pad too small for
+    one block's flags is refused."""
+    for pad in (2048, 9216):
+        for world_size in (2, 4, 8):
+            layout = ar.buffer_layout(pad, world_size)
+            assert layout.slots * world_size * 4 <= pad
+            assert layout.slots & (layout.slots - 1) == 0
+            assert layout.slots * layout.region_bytes == ar.ONE_SHOT_MAX_BYTES
+            assert layout.buffer_bytes(world_size) == 2 * world_size * ar.ONE_SHOT_MAX_BYTES
+            assert layout.region_bytes % 16 == 0
+            for size in (2, 4):
+                for numel in (1, 1000, 1024, 4096, 4097, 8 * 4096, ar.ONE_SHOT_MAX_BYTES // size):
+                    shape = ar.launch_shape(numel, size, layout)
+                    assert shape.block & (shape.block - 1) == 0
+                    assert shape.block * size <= layout.region_bytes
+                    assert (shape.blocks - 1) * shape.block < numel <= shape.blocks * shape.block
+                    assert shape.blocks <= layout.slots
+                    assert 4 <= shape.num_warps <= 16
+    layout = ar.buffer_layout(2048, 2)
+    assert (layout.slots, layout.region_bytes) == (128, 8192)
+    bf16 = [ar.launch_shape(rows * hidden, 2, layout).blocks for rows, hidden in
+            ((1, 1024), (1, 4096), (8, 1024), (8, 4096))]  # fmt: skip
+    assert bf16 == [1, 1, 2, 8]
+    assert ar.buffer_layout(2048, 8) == ar.BufferLayout(64, 16384)
+    assert ar.launch_shape(8 * 4096, 2, ar.buffer_layout(2048, 8)).blocks == 4
+    with pytest.raises(ValueError, match="no room for one block's flags from 8 ranks"):
+        ar.buffer_layout(16, 8)
+    with pytest.raises(ValueError, match="not a one-shot size"):
+        ar.launch_shape(ar.ONE_SHOT_MAX_BYTES // 2 + 1, 2, layout)
 
 
 # --------------------------------------------------------------------------------------------
@@ -554,6 +616,24 @@ def test_symmetric_memory_kernel_matches_the_float64_reference(tmp_path):
             ulp = torch.finfo(dtype).eps * exact.abs()
             assert (err <= unfused_err + ulp + 1e-30).all(), dtype
         assert torch.equal(ranks[0]["fused"], ranks[1]["fused"])  # same bits on every rank
+
+
+@pytest.mark.gpu
+def test_one_barrier_kernel_back_to_back_and_in_a_cuda_graph(tmp_path):
+    """Calls at M=1 and M=8 interleaved (different grids), ranks late in turn, a CUDA graph of
+    three calls replayed between eager calls: every result within a bf16 ulp of the float64
+    sum (a half overwritten while a peer reads it would be off by whole values), the same bits
+    on both ranks, and each block's epoch advanced once per call it ran in."""
+    _two_gpus()
+    ranks = tp_workers.run_ranks(tp_workers.all_reduce_residual_calls, tmp_path, backend="nccl")
+    for rank in ranks:
+        assert rank["reason"] == "", rank["reason"]
+        assert int(rank["calls"]) == 5 * 6 + 4 * 4
+        assert (rank["excess"] <= 0).all(), rank["excess"]
+        assert torch.equal(rank["epochs_advanced"], rank["blocks_ran"])
+        assert rank["blocks_ran"][0] == rank["calls"] and rank["blocks_ran"][2] > 0
+        assert (rank["blocks_ran"][1:] < rank["calls"]).all()  # the grids did differ
+    assert torch.equal(ranks[0]["fused"], ranks[1]["fused"])
 
 
 @pytest.mark.gpu

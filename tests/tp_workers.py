@@ -173,6 +173,79 @@ def all_reduce_residual_paths(parallel, device, rows, hidden, dtype=torch.float3
     return out
 
 
+def all_reduce_residual_calls(parallel, device, rounds=6, dtype=torch.bfloat16):
+    """GPU: the one-shot kernel called back to back at decode shapes whose grids differ (so
+    each block's epoch advances on its own), one rank made late in turn (so the other waits, or
+    runs a call ahead), then a CUDA graph of three calls replayed with eager calls between
+    (replays alternate the halves they use). Returns every call's result, how far each is
+    past its bound around the float64 reference (gathered after the calls), and the blocks'
+    epochs against the count of calls each block ran in."""
+    from kernels import all_reduce_residual as ar
+
+    reason = ar.unavailable_reason(device)
+    if reason is not None:
+        return {"reason": reason}
+    ws = ar._state[ar._group_key(device, None)]
+    start = ws.epochs.clone()
+    g = torch.Generator().manual_seed(99 + parallel.rank)
+    g_residual = torch.Generator().manual_seed(5)  # the same residual on every rank
+
+    def inputs(shape):
+        x = torch.randn(shape, generator=g).to(device, dtype)
+        return x, torch.randn(shape, generator=g_residual).to(device, dtype)
+
+    shapes = [(1, 4096), (8, 4096), (1, 1024), (8, 1024), (1, 4096)]
+    graph_shapes = [(1, 4096), (8, 4096), (1, 1024)]  # odd: replays alternate the halves
+    # Every input made first: between the calls only launches, no host copy syncing a rank.
+    eager_inputs = [inputs(shape) for shape in shapes * rounds]
+    static = [inputs(shape) for shape in graph_shapes]
+    replay_inputs = [
+        ([inputs(shape) for shape in graph_shapes], inputs((8, 4096) if k % 2 else (1, 1024)))
+        for k in range(4)
+    ]
+    calls = []  # (x, residual, out)
+    for i, (x, residual) in enumerate(eager_inputs):
+        if i % 3 == parallel.rank:
+            torch.cuda._sleep(20_000)  # ~10 µs late: the peer waits at the barrier
+        calls.append((x, residual, ar.all_reduce_residual(x, residual)))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph_outs = [ar.all_reduce_residual(x, r) for x, r in static]
+    for k, (graph_inputs, (x, residual)) in enumerate(replay_inputs):
+        for (static_x, static_r), (new_x, new_r) in zip(static, graph_inputs, strict=True):
+            static_x.copy_(new_x)
+            static_r.copy_(new_r)
+        if k % 2 == parallel.rank:
+            torch.cuda._sleep(20_000)
+        graph.replay()
+        for (new_x, new_r), out in zip(graph_inputs, graph_outs, strict=True):
+            calls.append((new_x, new_r, out.clone()))
+        calls.append((x, residual, ar.all_reduce_residual(x, residual)))
+    torch.cuda.synchronize()
+    ran = torch.zeros_like(start)
+    for x, _, _ in calls:
+        ran[: ar.launch_shape(x.numel(), x.element_size(), ws.layout).blocks] += 1
+    eps, eps32 = torch.finfo(dtype).eps, torch.finfo(torch.float32).eps
+    excess, fused = [], []
+    for x, residual, out in calls:
+        partials = [torch.empty_like(x) for _ in range(parallel.world_size)]
+        dist.all_gather(partials, x)
+        exact = ar.float64_reference(partials, residual)
+        terms = sum(p.double().abs() for p in partials) + residual.double().abs()
+        # One rounding to dtype of a float32 sum: an ulp, plus the float32 sum's own error.
+        bound = eps * exact.abs() + 4 * eps32 * terms
+        excess.append(((out.double() - exact).abs() - bound).max().item())
+        fused.append(out.flatten().cpu())
+    return {
+        "reason": "",
+        "excess": torch.tensor(excess),
+        "fused": torch.cat(fused),
+        "epochs_advanced": (ws.epochs - start).cpu(),
+        "blocks_ran": ran.cpu(),
+        "calls": torch.tensor(len(calls)),
+    }
+
+
 def cuda_graph_decode(parallel, device, config, prompt, steps, flags):
     """GPU: this rank's decode eager and replayed from CUDA graphs (NCCL all-reduces captured)."""
     import engine
