@@ -10,12 +10,14 @@ GPU's stored baseline. The planted regressions run on the GPU through scripts/ga
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
 import torch
 from gate_helpers import H100, H200, small_model, synthetic_report
 
+from engine import fusions as registry
 from profiling import baselines
 from profiling.baselines import (
     BaselineCorrupt,
@@ -309,13 +311,40 @@ def test_the_committed_baseline_describes_the_code_as_it_is():
         config = default_config().replace(**stored["config"])
         with on_meta(getattr(torch, stored["dtype"])):
             model = Qwen3ForCausalLM(config)
-        now = model_summary(model)
-        assert now["default_fusions"] == stored["default_fusions"], (
-            f"{path}: default fusions {now['default_fusions']} in the code, "
-            f"{stored['default_fusions']} in the baseline: re-record it or restore the default"
-        )
-        for name, info in now["fusions"].items():
-            assert info == stored["fusions"][name], f"{path}: fusion {name} differs"
+        _assert_describes(path, stored, model_summary(model))
+
+
+def test_the_committed_tp_baselines_describe_the_code_as_it_is():
+    """The same for perf_baselines/<gpu>/tpN/: rank 0's sharded model, built on meta with the
+    TP-only fusions registered (as every TP process does), against the stored summary."""
+    from engine.config import default_config
+    from engine.parallel import TP_FUSIONS, Parallel, ShardedQwen3ForCausalLM
+    from engine.qwen3 import on_meta
+    from profiling.measure import model_summary
+
+    files = sorted(baselines.BASELINE_ROOT.glob(f"*/tp*/{baselines.BASELINE_FILE}"))
+    if not files:
+        pytest.skip("no tensor-parallel baseline committed yet")
+    for path in files:
+        stored = json.loads(path.read_text())["model"]
+        assert path.parent.name == f"tp{stored['tp']}", path
+        config = default_config().replace(**stored["config"])
+        with contextlib.ExitStack() as stack:
+            for fusion in TP_FUSIONS:
+                stack.enter_context(registry.registered(fusion))
+            with on_meta(getattr(torch, stored["dtype"])):
+                model = ShardedQwen3ForCausalLM(config, Parallel(0, stored["tp"]))
+            _assert_describes(path, stored, model_summary(model))
+
+
+def _assert_describes(path, stored: dict, now: dict) -> None:
+    assert now["default_fusions"] == stored["default_fusions"], (
+        f"{path}: default fusions {now['default_fusions']} in the code, "
+        f"{stored['default_fusions']} in the baseline: re-record it or restore the default"
+    )
+    assert set(now["fusions"]) == set(stored["fusions"]), path
+    for name, info in now["fusions"].items():
+        assert info == stored["fusions"][name], f"{path}: fusion {name} differs"
 
 
 # --------------------------------------------------------------------------------------------
