@@ -32,8 +32,9 @@ kernels/all_reduce_residual.py) is a TP-only registry entry: it is registered wh
 built with world size > 1 (``register_tp_fusions``), never in a single process. The committed
 baselines list exactly the registered fusions and the gate refuses a baseline whose fusions
 differ; registered always, it would be a fusion no single-process model has, breaking the
-baseline and every registry-driven stage. Where its kernel cannot run (CPU, gloo, no
-symmetric memory or P2P) the engine warns once, saying why, and runs its ops unfused.
+baseline and every registry-driven stage. It is a TP default; where its kernel cannot run
+(CPU, gloo, no symmetric memory or P2P) the default leaves it out, and a request for it runs
+its ops unfused; either way the engine warns once, saying why.
 
 NVLink multicast (NVLS) is never used: importing this module sets NCCL_NVLS_ENABLE=0,
 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 and NVSHMEM_DISABLE_NVLS=1, before any process group exists.
