@@ -16,6 +16,7 @@ with its references in one process (docs/definitions.md, "Kernel timing").
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import statistics
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -75,13 +76,33 @@ def implementations(fusion: Fusion, ops) -> dict[str, Callable[[dict], Any]]:
     return impls
 
 
+# Kernels with two paths (the Triton GEMV, cuBLAS's GEMM with the epilogue), chosen per shape
+# by their select_config, and how many weight rows make one output column of the tables' key
+# (rms_norm_swiglu pairs a gate and an up row).
+_ROWS_PER_OUTPUT = {"linear_residual": 1, "rms_norm_linear": 1, "rms_norm_swiglu": 2}
+
+
+def fused_path(fusion: Fusion, inputs: dict, rows: int) -> str:
+    """Which path the fused call takes for ``inputs`` at ``rows`` tokens: "gemv" or "cublas"
+    (the kernel's own choice: a forced config, this GPU's tuned table, else its heuristic), or
+    "triton" for kernels with one path."""
+    if fusion.kernel not in _ROWS_PER_OUTPUT:
+        return "triton"
+    kernel = importlib.import_module(f"kernels.{fusion.kernel}")
+    (weight,) = [v for k, v in inputs.items() if k.endswith("_weight") and v.dim() == 2]
+    N, K = weight.shape[0] // _ROWS_PER_OUTPUT[fusion.kernel], weight.shape[1]
+    return kernel.select_config(rows, N, K, weight.dtype).path
+
+
 @dataclasses.dataclass
 class RatioResult:
-    """fused / reference per round, and each implementation's µs per call per round."""
+    """fused / reference per round, and each implementation's µs per call per round;
+    ``path``: the fused call's (fused_path)."""
 
     fusion: str
     rows: int
     us: dict[str, list[float]]
+    path: str = "triton"
 
     def ratios(self, reference: str) -> list[float]:
         return [f / r for f, r in zip(self.us["fused"], self.us[reference], strict=True)]
@@ -118,7 +139,7 @@ def time_fusion(
     if only is not None:
         impls = {name: impls[name] for name in only}
     us = time_chains(impls, input_sets, reps=reps, rounds=rounds, replays=replays)
-    return RatioResult(fusion.name, rows, us)
+    return RatioResult(fusion.name, rows, us, fused_path(fusion, input_sets[0], rows))
 
 
 def time_chains(

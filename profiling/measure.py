@@ -474,6 +474,7 @@ def measure_kernel_ratios(
                         "rounds": result.ratios(ref),
                         "fused_us": result.median_us("fused"),
                         "reference_us": result.median_us(ref),
+                        "path": result.path,
                     }
             if progress is not None:
                 progress.update(1)

@@ -74,13 +74,13 @@ def _per_instance(launches: dict, name: str, *, on: bool, spans=None) -> str:
 
 def ratios_table(report: dict, baseline: dict | None) -> str:
     base = (baseline or {}).get("kernel_ratios", {})
-    rows = [("fusion/rows/reference", "fused µs", "reference µs", "ratio (baseline, max)")]
+    rows = [("fusion/rows/reference", "path", "fused µs", "reference µs", "ratio (baseline, max)")]
     for key, e in report.get("kernel_ratios", {}).items():
         b = base.get(key)
         limit = f" ({b['ratio']:.4f}, {b['max']:.4f})" if b else ""
-        rows.append(
-            (key, f"{e['fused_us']:.2f}", f"{e['reference_us']:.2f}", f"{e['ratio']:.4f}{limit}")
-        )
+        path = e.get("path", "-")  # runs recorded before paths were
+        fused, ref = f"{e['fused_us']:.2f}", f"{e['reference_us']:.2f}"
+        rows.append((key, path, fused, ref, f"{e['ratio']:.4f}{limit}"))
     return _grid(rows)
 
 

@@ -10,7 +10,6 @@ Run: tox -e bench   (python -m profiling bench --save records this GPU's run)
 
 from __future__ import annotations
 
-import importlib
 import statistics
 
 import pytest
@@ -20,7 +19,7 @@ from engine import fusions as registry
 from engine.config import QWEN3_SIZES, qwen3_config
 from engine.program import draw_inputs, span_ops
 from engine.qwen3 import Qwen3ForCausalLM
-from profiling.kernel_timing import LAYERS, GraphChain, implementations
+from profiling.kernel_timing import LAYERS, GraphChain, fused_path, implementations
 
 pytestmark = [pytest.mark.gpu, pytest.mark.bench]
 
@@ -33,23 +32,6 @@ def _cases():
         for size in sizes:
             for M in M_VALUES:
                 yield pytest.param(f.name, size, M, id=f"{f.name}-{size}-m{M}")
-
-
-# Kernels with two paths (Triton GEMV, cuBLAS GEMM) and how many weight rows make one output
-# column of their tables' key (rms_norm_swiglu pairs a gate and an up row).
-_ROWS_PER_OUTPUT = {"linear_residual": 1, "rms_norm_linear": 1, "rms_norm_swiglu": 2}
-
-
-def _path(fusion, inputs: dict, M: int) -> str:
-    """Which path the fused call takes at this shape: "gemv" (the Triton kernel), "cublas"
-    (the GEMM with the epilogue), from the kernel's own choice (tuned table, else heuristic);
-    "triton" for kernels with one path."""
-    if fusion.kernel not in _ROWS_PER_OUTPUT:
-        return "triton"
-    kernel = importlib.import_module(f"kernels.{fusion.kernel}")
-    (weight,) = [v for k, v in inputs.items() if k.endswith("_weight") and v.dim() == 2]
-    rows, K = weight.shape
-    return kernel.select_config(M, rows // _ROWS_PER_OUTPUT[fusion.kernel], K, weight.dtype).path
 
 
 @pytest.mark.parametrize(("fusion", "size", "M"), list(_cases()))
@@ -69,7 +51,7 @@ def test_fusion_kernel(benchmark, fusion, size, M):
         del chain
     benchmark.group = f"{fusion} {size} M={M}"
     benchmark.extra_info.update(fusion=fusion, size=size, M=M, us_per_call=results)
-    benchmark.extra_info["path"] = _path(f, sets[0], M)
+    benchmark.extra_info["path"] = fused_path(f, sets[0], M)
     fused = GraphChain(implementations(f, ops)["fused"], sets, reps)
     benchmark.extra_info["calls_per_replay"] = fused.calls
 

@@ -39,8 +39,11 @@ def test_tables_show_baseline_values_and_limits():
     assert "default/graph-b1" in launches and "(" in launches
     for fusion in current["model"]["fusions"]:
         assert fusion in launches
+    current["kernel_ratios"]["o_proj_residual/m1/unfused"]["path"] = "cublas"
     ratios = report.ratios_table(current, baseline)
     assert "o_proj_residual/m1/unfused" in ratios
+    row = next(line for line in ratios.splitlines() if "o_proj_residual/m1/unfused" in line)
+    assert "cublas" in row and "path" in ratios.splitlines()[0]
     e2e = report.e2e_table(current, baseline)
     assert "speed-up" in e2e and "floor" in e2e
 

@@ -139,3 +139,48 @@ def test_use_config_forces_and_restores():
         assert lr.select_config(7, N, K, torch.bfloat16) == forced
     assert tuning.override(KERNEL) is None
     assert lr.select_config(7, N, K, torch.bfloat16) == before
+
+
+@pytest.mark.parametrize("rows", [1, 4])
+def test_the_reported_path_is_the_one_the_fused_call_chooses(rows):
+    """profiling.kernel_timing.fused_path (the "path" of the bench and the report) asks each
+    two-path kernel's select_config exactly what the fused call asks it, and returns its
+    answer; one-path kernels report "triton". Checked by recording select_config's arguments
+    in a real (interpreted) fused call."""
+    import importlib
+
+    from engine import fusions as registry
+    from engine.program import call_fused, draw_inputs, span_ops
+    from engine.qwen3 import Qwen3ForCausalLM
+    from profiling.kernel_timing import fused_path
+
+    config = qwen3_config("0.6b").replace(num_hidden_layers=1)
+    with torch.device("meta"):
+        program = Qwen3ForCausalLM(config).program()
+    generator = torch.Generator().manual_seed(rows)
+    for fusion in registry.all_fusions():
+        ops = span_ops(program, fusion)
+        inputs = draw_inputs(ops, config, rows, torch.float32, "cpu", generator)
+        kernel = importlib.import_module(f"kernels.{fusion.kernel}")
+        select = getattr(kernel, "select_config", None)
+        if select is None:
+            assert fused_path(fusion, inputs, rows) == "triton", fusion.name
+            continue
+        asked = []
+
+        def spy(*args, select=select, asked=asked):
+            asked.append(args)
+            return select(*args)
+
+        kernel.select_config = spy
+        try:
+            call_fused(
+                fusion, ops, {k: getattr(v, "clone", lambda v=v: v)() for k, v in inputs.items()}
+            )
+            called = list(asked)
+            asked.clear()
+            path = fused_path(fusion, inputs, rows)
+        finally:
+            kernel.select_config = select
+        assert called and asked == called[:1], (fusion.name, asked, called)
+        assert path == select(*called[0]).path, fusion.name
