@@ -12,7 +12,9 @@
 #   gate     python -m profiling gate               proof    planted regressions (scripts.gate_proof;
 #                                                            PROOF_ARGS: e.g. "--plants" for none)
 #   ncu      scripts.ncu_nvtx_check                 report   python -m profiling (report folder)
-#   traces   scripts.capture_traces                 tune     python -m profiling.tune
+#   traces   scripts.capture_traces                 tune     python -m profiling.tune (TUNE_ARGS:
+#                                                            e.g. "--fusions down_proj_residual
+#                                                            --sizes 0.6b 8b")
 #   bench    python -m profiling bench --save
 #   tp       (>= 2 GPUs) torchrun --nproc-per-node 2 -m profiling measure --size 8b, then the
 #            same on one GPU: decode tok/s of TP=2 and TP=1 from one pass (tp-8b.txt)
@@ -66,7 +68,7 @@ for spec in "$@"; do
     ncu) TAILN=20 step ncu "$limit" python3 -m scripts.ncu_nvtx_check --out "$STAGE/ncu" ;;
     report) TAILN=80 step report "$limit" python3 -m profiling --out "$STAGE/report" ;;
     traces) step traces "$limit" python3 -m scripts.capture_traces --out "$STAGE/traces" ;;
-    tune) TAILN=30 step tune "$limit" python3 -m profiling.tune --out "$STAGE/configs" ;;
+    tune) TAILN=30 step tune "$limit" python3 -m profiling.tune --out "$STAGE/configs" ${TUNE_ARGS:-} ;;
     bench) TAILN=20 step bench "$limit" python3 -m profiling bench --save
            # the saved pytest-benchmark JSON (per-call times, paths, peers) comes back too
            mkdir -p "$STAGE/bench" && cp -r perf_baselines/*/*-CPython-* "$STAGE/bench/" 2>/dev/null
