@@ -77,10 +77,8 @@ def build(
         return build_sharded(
             config, checkpoint, parallel, dtype=dtype, device=device, seed=seed, flags=flags
         )
-    if isinstance(flags, str):  # "default": the model's own (the defaults that apply to it)
-        flags = None if flags.strip() == "default" else FusionFlags.parse(flags)
     with on_meta(dtype):
-        model = Qwen3ForCausalLM(config, flags)
+        model = Qwen3ForCausalLM(config, FusionFlags.from_arg(flags))
     model.allocate(device)
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)

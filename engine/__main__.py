@@ -148,16 +148,13 @@ def _generate(args, parallel: tp.Parallel, device: torch.device | None) -> int:
             file=sys.stderr,
         )
     with _user_errors(args.debug, parallel.rank):
-        # TP: the flags are parsed after the TP-only fusions are registered, and "default" is
-        # the default set that applies under TP.
-        flags = args.fusions if parallel.sharded else engine.FusionFlags.parse(args.fusions)
         model = engine.build(
             args.config,
             args.checkpoint,
             dtype=getattr(torch, args.dtype),
             device=device,
             seed=args.seed,
-            flags=flags,
+            flags=args.fusions,
             parallel=parallel,
         )
         c = model.config

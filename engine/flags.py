@@ -52,6 +52,15 @@ class FusionFlags:
             return cls.none()
         return cls(name.strip() for name in spec.split(",") if name.strip())
 
+    @classmethod
+    def from_arg(cls, flags: FusionFlags | str | None) -> FusionFlags | None:
+        """A ``flags`` argument of engine.build: None or "default" -> None (the model then
+        takes its own default, the defaults that apply to its program), another string ->
+        parse, FusionFlags -> itself."""
+        if isinstance(flags, str):
+            return None if flags.strip() == "default" else cls.parse(flags)
+        return flags
+
     def copy(self) -> FusionFlags:
         return FusionFlags(self._enabled)
 

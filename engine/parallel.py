@@ -447,8 +447,7 @@ def build_sharded(
     register_tp_fusions()
     with on_meta(dtype):
         model = ShardedQwen3ForCausalLM(config, parallel)
-    if isinstance(flags, str):
-        flags = None if flags.strip() == "default" else FusionFlags.parse(flags)
+    flags = FusionFlags.from_arg(flags)  # after register_tp_fusions: names TP-only ones too
     if flags is not None:
         model.flags = flags
     model.allocate(device)

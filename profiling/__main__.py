@@ -174,7 +174,7 @@ def _host_times(model, variant: str, plan: measure.Plan) -> dict:
     from profiling.launches import record_decode_trace
 
     saved = model.flags
-    model.flags = measure.default_flags(model) if variant == "default" else FusionFlags.none()
+    model.flags = model.default_flags() if variant == "default" else FusionFlags.none()
     try:
         runner = Runner(model, max_seq_len=plan.prompt_len + plan.launch_steps + 4)
         with tempfile.TemporaryDirectory() as tmp:

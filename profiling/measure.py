@@ -128,12 +128,6 @@ def world_size(model) -> int:
     return parallel.world_size if parallel is not None else 1
 
 
-def default_flags(model) -> FusionFlags:
-    """The default fusions that apply to ``model`` (under TP o_proj_residual and
-    down_proj_residual never do: engine/parallel.py)."""
-    return model.default_flags()
-
-
 def applicable_fusions(model) -> list:
     """The registered fusions with a span in ``model``'s program whose kernel can run here,
     in registry order (the ones that cannot run: model.unavailable(), each with why)."""
@@ -168,7 +162,7 @@ def model_summary(model) -> dict:
         "config": {name: getattr(config, name) for name in CONFIG_FIELDS},
         "dtype": str(model.dtype).removeprefix("torch."),
         "tp": world_size(model),
-        "default_fusions": sorted(default_flags(model).enabled),
+        "default_fusions": sorted(model.default_flags().enabled),
         "fusions": fusions,
     }
 
@@ -334,7 +328,7 @@ def measure_model_numerics(model, plan: Plan, seed: int, steps: int = 3) -> Nume
         finally:
             m.flags = saved
 
-    fused = logits(model, default_flags(model))
+    fused = logits(model, model.default_flags())
     tokens = [fused[:, i].argmax(-1) for i in range(steps)]  # teacher-forced on fused tokens
     unfused = logits(model, FusionFlags.none(), tokens)
     with tf32_off():
