@@ -27,7 +27,7 @@ from kernels.launch_checks import (
     check_same_dtype,
     check_tensor,
 )
-from kernels.runtime import pdl_options, pdl_supported
+from kernels.runtime import INTERPRETING, pdl_options, pdl_supported
 
 # --------------------------------------------------------------------------------------------
 # Triton kernel
@@ -69,57 +69,63 @@ def _qk_norm_rope_kernel(
     BLOCK_KV: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
+    """Program (t, g): token t's q heads [g * BLOCK_H, ...) for g < cdiv(H, BLOCK_H), else its
+    k and v heads [(g - that) * BLOCK_KV, ...). At decode every head has its own program, so
+    the kernel's time is one head's two memory round trips (the position, then its cos/sin
+    row), not the whole token's in one program."""
     # Programmatic dependent launch (Hopper): the next kernel may launch now; the norm
     # weights are read before waiting for the previous kernel (which wrote qkv).
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
+    t = tl.program_id(0)
+    g = tl.program_id(1)
+    q_blocks = tl.cdiv(NUM_HEADS, BLOCK_H)
     d = tl.arange(0, HALF)
-    qw1 = tl.load(q_norm_w_ptr + d).to(tl.float32)
-    qw2 = tl.load(q_norm_w_ptr + HALF + d).to(tl.float32)
-    kw1 = tl.load(k_norm_w_ptr + d).to(tl.float32)
-    kw2 = tl.load(k_norm_w_ptr + HALF + d).to(tl.float32)
+    is_q = g < q_blocks
+    w_ptr = tl.where(is_q, q_norm_w_ptr, k_norm_w_ptr)
+    w1 = tl.load(w_ptr + d).to(tl.float32)
+    w2 = tl.load(w_ptr + HALF + d).to(tl.float32)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
-    t = tl.program_id(0)
     b = t // tokens_per_seq
     pos = tl.load(positions_ptr + t).to(tl.int64)
     dtype = qkv_ptr.dtype.element_ty
-    cos = tl.load(cos_ptr + pos * stride_table + d)
-    sin = tl.load(sin_ptr + pos * stride_table + d)
     row = qkv_ptr + t.to(tl.int64) * stride_qkv_t
-
-    # q heads: normalise, rotate, write back in place.
-    heads = tl.arange(0, BLOCK_H)
-    q_mask = (heads < NUM_HEADS)[:, None]
-    q_ptrs = row + heads[:, None] * (2 * HALF) + d[None, :]
-    q1 = tl.load(q_ptrs, mask=q_mask, other=0.0).to(tl.float32)
-    q2 = tl.load(q_ptrs + HALF, mask=q_mask, other=0.0).to(tl.float32)
-    q1, q2 = _norm_rope(q1, q2, qw1, qw2, cos, sin, eps, HALF, dtype)
-    tl.store(q_ptrs, q1.to(dtype), mask=q_mask)
-    tl.store(q_ptrs + HALF, q2.to(dtype), mask=q_mask)
-
-    # k heads: normalise, rotate, write to the cache at (b, head, pos).
-    kv_heads = tl.arange(0, BLOCK_KV)
-    kv_mask = (kv_heads < NUM_KV_HEADS)[:, None]
-    k_ptrs = row + (NUM_HEADS + kv_heads[:, None]) * (2 * HALF) + d[None, :]
-    k1 = tl.load(k_ptrs, mask=kv_mask, other=0.0).to(tl.float32)
-    k2 = tl.load(k_ptrs + HALF, mask=kv_mask, other=0.0).to(tl.float32)
-    k1, k2 = _norm_rope(k1, k2, kw1, kw2, cos, sin, eps, HALF, dtype)
-    cache_offs = (
-        b.to(tl.int64) * stride_cache_b
-        + kv_heads[:, None] * stride_cache_h
-        + pos * stride_cache_s
-        + d[None, :]
-    )
-    tl.store(k_cache_ptr + cache_offs, k1.to(k_cache_ptr.dtype.element_ty), mask=kv_mask)
-    tl.store(k_cache_ptr + cache_offs + HALF, k2.to(k_cache_ptr.dtype.element_ty), mask=kv_mask)
-
-    # v heads: copy to the cache.
-    v_ptrs = k_ptrs + NUM_KV_HEADS * (2 * HALF)
-    v1 = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-    v2 = tl.load(v_ptrs + HALF, mask=kv_mask, other=0.0)
-    tl.store(v_cache_ptr + cache_offs, v1, mask=kv_mask)
-    tl.store(v_cache_ptr + cache_offs + HALF, v2, mask=kv_mask)
+    if is_q:
+        # q heads: normalise, rotate, write back in place.
+        heads = g * BLOCK_H + tl.arange(0, BLOCK_H)
+        q_mask = (heads < NUM_HEADS)[:, None]
+        q_ptrs = row + heads[:, None] * (2 * HALF) + d[None, :]
+        q1 = tl.load(q_ptrs, mask=q_mask, other=0.0).to(tl.float32)
+        q2 = tl.load(q_ptrs + HALF, mask=q_mask, other=0.0).to(tl.float32)
+        cos = tl.load(cos_ptr + pos * stride_table + d)
+        sin = tl.load(sin_ptr + pos * stride_table + d)
+        q1, q2 = _norm_rope(q1, q2, w1, w2, cos, sin, eps, HALF, dtype)
+        tl.store(q_ptrs, q1.to(dtype), mask=q_mask)
+        tl.store(q_ptrs + HALF, q2.to(dtype), mask=q_mask)
+    else:
+        # k heads: normalise, rotate, write to the cache at (b, head, pos); v heads: copy.
+        kv_heads = (g - q_blocks) * BLOCK_KV + tl.arange(0, BLOCK_KV)
+        kv_mask = (kv_heads < NUM_KV_HEADS)[:, None]
+        k_ptrs = row + (NUM_HEADS + kv_heads[:, None]) * (2 * HALF) + d[None, :]
+        v_ptrs = k_ptrs + NUM_KV_HEADS * (2 * HALF)
+        k1 = tl.load(k_ptrs, mask=kv_mask, other=0.0).to(tl.float32)
+        k2 = tl.load(k_ptrs + HALF, mask=kv_mask, other=0.0).to(tl.float32)
+        v1 = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        v2 = tl.load(v_ptrs + HALF, mask=kv_mask, other=0.0)
+        cos = tl.load(cos_ptr + pos * stride_table + d)
+        sin = tl.load(sin_ptr + pos * stride_table + d)
+        k1, k2 = _norm_rope(k1, k2, w1, w2, cos, sin, eps, HALF, dtype)
+        cache_offs = (
+            b.to(tl.int64) * stride_cache_b
+            + kv_heads[:, None] * stride_cache_h
+            + pos * stride_cache_s
+            + d[None, :]
+        )
+        tl.store(k_cache_ptr + cache_offs, k1.to(k_cache_ptr.dtype.element_ty), mask=kv_mask)
+        tl.store(k_cache_ptr + cache_offs + HALF, k2.to(k_cache_ptr.dtype.element_ty), mask=kv_mask)
+        tl.store(v_cache_ptr + cache_offs, v1, mask=kv_mask)
+        tl.store(v_cache_ptr + cache_offs + HALF, v2, mask=kv_mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -208,7 +214,12 @@ def qk_norm_rope_cache_write(
             f"cache's {k_cache.shape[0]}"
         )
     use_pdl = pdl_supported(qkv.device)
-    _qk_norm_rope_kernel[(T,)](
+    # One head a program on the GPU (latency: more programs, shorter chains); under the
+    # interpreter, which pays per program, all q heads in one and all k/v heads in another.
+    block_h = triton.next_power_of_2(num_heads) if INTERPRETING else 1
+    block_kv = triton.next_power_of_2(num_kv_heads) if INTERPRETING else 1
+    groups = triton.cdiv(num_heads, block_h) + triton.cdiv(num_kv_heads, block_kv)
+    _qk_norm_rope_kernel[(T, groups)](
         qkv,
         q_norm_weight,
         k_norm_weight,
@@ -227,8 +238,8 @@ def qk_norm_rope_cache_write(
         NUM_HEADS=num_heads,
         NUM_KV_HEADS=num_kv_heads,
         HALF=head_dim // 2,
-        BLOCK_H=triton.next_power_of_2(num_heads),
-        BLOCK_KV=triton.next_power_of_2(num_kv_heads),
+        BLOCK_H=block_h,
+        BLOCK_KV=block_kv,
         USE_PDL=use_pdl,
         num_warps=4,
         **pdl_options(use_pdl),

@@ -9,7 +9,8 @@ no table applies (its blocks are sized for the interpreter). Layout::
      "timings": {... the same keys: best and heuristic µs per call ...}}
 
 Rows M are bucketed by the next power of two; an M between two tuned buckets takes the next
-larger bucket's configuration, an M beyond the largest takes the largest's.
+larger bucket's configuration. An M beyond the largest tuned bucket gets no entry (the
+kernel's heuristic): a table tuned at decode sizes only must not send a prefill to a GEMV.
 """
 
 from __future__ import annotations
@@ -57,10 +58,9 @@ def tuned(kernel: str, N: int, K: int, dtype: torch.dtype, M: int) -> dict | Non
     by_m = by_m.get(dtype_key(dtype))
     if not by_m:
         return None
-    buckets = sorted(int(b) for b in by_m)
     bucket = m_bucket(M)
-    chosen = next((b for b in buckets if b >= bucket), buckets[-1])
-    return by_m[str(chosen)]
+    chosen = min((int(b) for b in by_m if int(b) >= bucket), default=None)
+    return None if chosen is None else by_m[str(chosen)]
 
 
 @contextlib.contextmanager

@@ -14,8 +14,10 @@
 #   ncu      scripts.ncu_nvtx_check                 report   python -m profiling (report folder)
 #   traces   scripts.capture_traces                 tune     python -m profiling.tune (TUNE_ARGS:
 #                                                            e.g. "--fusions down_proj_residual
-#                                                            --sizes 0.6b 8b")
-#   bench    python -m profiling bench --save
+#                                                            --sizes 0.6b 8b; --buckets 8"),
+#                                                            into the tree and configs/
+#   bench    python -m profiling bench --save       ab       scripts.compare_trees $AB_BASE . (decode
+#                                                            tok/s of two trees, runs alternating)
 #   tp       (>= 2 GPUs) torchrun --nproc-per-node 2 -m profiling measure --size 8b, then the
 #            same on one GPU: decode tok/s of TP=2 and TP=1 from one pass (tp-8b.txt)
 #   tpgate   (>= 2 GPUs) torchrun -m profiling record --force, then gate, on 2 ranks
@@ -53,7 +55,8 @@ for spec in "$@"; do
     env) step env "$limit" bash -c 'date -u; nvidia-smi; python3 -c "import torch, triton; print(\"torch\", torch.__version__, \"triton\", triton.__version__)"; echo "commit ${FUSIONGUARD_COMMIT:-unknown}"; python3 -m pip list 2>/dev/null | grep -iE "^(nvtx|pytest|transformers) "' ;;
     check) step check "$limit" python3 -m pytest -x -q -p no:cacheprovider -m "not bench and not timing" \
         tests/test_linear_residual_numerics.py tests/test_rms_norm_linear_numerics.py \
-        tests/test_rms_norm_swiglu_numerics.py tests/test_registry.py ;;
+        tests/test_rms_norm_swiglu_numerics.py tests/test_qk_norm_rope_numerics.py \
+        tests/test_registry.py ;;
     tptests) TAILN=15 step tptests "$limit" python3 -m pytest -q -p no:cacheprovider -rs \
         tests/test_tensor_parallel.py tests/test_profiling_tp.py ;;
     # Both halves run even when the first fails (a pass gathers all it can); rc: the worse.
@@ -68,7 +71,14 @@ for spec in "$@"; do
     ncu) TAILN=20 step ncu "$limit" python3 -m scripts.ncu_nvtx_check --out "$STAGE/ncu" ;;
     report) TAILN=80 step report "$limit" python3 -m profiling --out "$STAGE/report" ;;
     traces) step traces "$limit" python3 -m scripts.capture_traces --out "$STAGE/traces" ;;
-    tune) TAILN=30 step tune "$limit" python3 -m profiling.tune --out "$STAGE/configs" ${TUNE_ARGS:-} ;;
+    # Tables go into the tree (later steps of the pass run with them) and come back under
+    # configs/ (copy them into kernels/configs/); TUNE_ARGS may hold several runs, ";" between.
+    tune) TAILN=30 step tune "$limit" bash -c 'IFS=";" read -ra runs <<< "${TUNE_ARGS:-}"
+          for args in "${runs[@]:-}"; do python3 -m profiling.tune $args || exit; done'
+          cp -r kernels/configs "$STAGE/"; pack ;;
+    # AB_BASE: another tree (e.g. an exported commit) to time against this one.
+    ab) ab=$((${ab:-0} + 1)); TAILN=12 step "ab$ab" "$limit" python3 -m scripts.compare_trees \
+        "${AB_BASE:?AB_BASE: the tree to compare with}" . --runs "${AB_RUNS:-2}" --out "$STAGE/ab$ab.json" ;;
     bench) TAILN=20 step bench "$limit" python3 -m profiling bench --save
            # the saved pytest-benchmark JSON (per-call times, paths, peers) comes back too
            mkdir -p "$STAGE/bench" && cp -r perf_baselines/*/*-CPython-* "$STAGE/bench/" 2>/dev/null

@@ -13,6 +13,16 @@ EPS = 1e-6
 HEADS = [(16, 8, 128), (4, 2, 16), (3, 3, 32)]
 
 
+@pytest.fixture(params=["per-head", "grouped"])
+def heads_per_program(request, monkeypatch):
+    """Both program layouts: one head a program (the GPU's) and all q heads in one program,
+    all k/v heads in another (the interpreter's), whatever runs the test."""
+    import kernels.qk_norm_rope as module
+
+    monkeypatch.setattr(module, "INTERPRETING", request.param == "grouped")
+    return request.param
+
+
 def _run(H, Hkv, D, dtype, device, *, batch, tokens_per_seq, positions):
     T = batch * tokens_per_seq
     qkv = torch.randn(T, (H + 2 * Hkv) * D, device=device).to(dtype)
@@ -60,7 +70,7 @@ def _check(got, ref, exact, what):
 
 @pytest.mark.parametrize("dtype_name", DTYPES)
 @pytest.mark.parametrize(("H", "Hkv", "D"), HEADS, ids=lambda v: str(v))
-def test_prefill_layout(H, Hkv, D, dtype_name, device):
+def test_prefill_layout(H, Hkv, D, dtype_name, device, heads_per_program):
     """Two sequences of 5 tokens at positions 0..4, as in prefill."""
     dtype, batch, P = DTYPES[dtype_name], 2, 5
     positions = torch.arange(P, device=device, dtype=torch.int32).repeat(batch)
@@ -81,7 +91,7 @@ def test_prefill_layout(H, Hkv, D, dtype_name, device):
 
 
 @pytest.mark.parametrize("dtype_name", ["fp32", "bf16"])
-def test_decode_layout_reads_positions_from_device(dtype_name, device):
+def test_decode_layout_reads_positions_from_device(dtype_name, device, heads_per_program):
     """One token per sequence, each at its own position (as in decode)."""
     H, Hkv, D = 4, 2, 16
     positions = torch.tensor([0, 37, 63], device=device, dtype=torch.int32)
