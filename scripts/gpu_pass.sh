@@ -76,9 +76,12 @@ for spec in "$@"; do
     tune) TAILN=30 step tune "$limit" bash -c 'IFS=";" read -ra runs <<< "${TUNE_ARGS:-}"
           for args in "${runs[@]:-}"; do python3 -m profiling.tune $args || exit; done'
           cp -r kernels/configs "$STAGE/"; pack ;;
-    # AB_BASE: another tree (e.g. an exported commit) to time against this one.
-    ab) ab=$((${ab:-0} + 1)); TAILN=12 step "ab$ab" "$limit" python3 -m scripts.compare_trees \
-        "${AB_BASE:?AB_BASE: the tree to compare with}" . --runs "${AB_RUNS:-2}" --out "$STAGE/ab$ab.json" ;;
+    # AB_BASE: the trees (e.g. exported commits) to time this one against, one per ab step
+    # in order (the last one for any further ab step).
+    ab) ab=$((${ab:-0} + 1)); read -ra bases <<< "${AB_BASE:?AB_BASE: the trees to compare with}"
+        base=${bases[$((ab - 1))]:-${bases[-1]}}
+        TAILN=12 step "ab$ab" "$limit" python3 -m scripts.compare_trees "$base" . \
+        --runs "${AB_RUNS:-2}" --out "$STAGE/ab$ab.json" ;;
     bench) TAILN=20 step bench "$limit" python3 -m profiling bench --save
            # the saved pytest-benchmark JSON (per-call times, paths, peers) comes back too
            mkdir -p "$STAGE/bench" && cp -r perf_baselines/*/*-CPython-* "$STAGE/bench/" 2>/dev/null
