@@ -31,6 +31,26 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _attend(q, k, v, n_mask, m_i, l_i, acc, scale_log2e, IEEE_FP32: tl.constexpr):
+    """One K/V block of the online softmax: the running max, sum and output, updated."""
+    if IEEE_FP32:  # noqa: SIM108  (constexpr branch, kept explicit)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    s = tl.where(n_mask[None, :], s * scale_log2e, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if IEEE_FP32:  # noqa: SIM108
+        pv = tl.dot(p, v, input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + pv
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _decode_attention_kernel(
     q_ptr,
     k_cache_ptr,
@@ -53,31 +73,50 @@ def _decode_attention_kernel(
     IEEE_FP32: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
+    """Program (b, kv_head). Before waiting for the previous kernel (PDL), which wrote q and
+    the new token's k/v row, it reads what that kernel does not write: the position and the
+    first K/V block's older rows (written by earlier steps). After the wait only q and the
+    new row are loaded before the first block is attended: one memory round trip, not three
+    (position, then the block, after the wait)."""
     if USE_PDL:
-        # Programmatic dependent launch (Hopper): let the next kernel (the o_proj step)
-        # launch now, so that it streams its weights while attention runs; q and the cache
-        # were written by the kernel before this one: wait for it.
+        # Let the next kernel (the o_proj step) launch now: it streams its weights meanwhile.
         tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
-    length = tl.load(positions_ptr + b).to(tl.int32) + 1
+    pos = tl.load(positions_ptr + b).to(tl.int32)
+    length = pos + 1
     g = tl.arange(0, BLOCK_G)
     g_mask = (g < GROUP)[:, None]
     d = tl.arange(0, HEAD_DIM)
     heads = kv_head * GROUP + g
+    kv_base = b.to(tl.int64) * stride_cb + kv_head.to(tl.int64) * stride_ch
+    n = tl.arange(0, BLOCK_N)
+    older = (n < pos)[:, None]
+    kv_offs = kv_base + n[:, None] * stride_cs + d[None, :]
+    k = tl.load(k_cache_ptr + kv_offs, mask=older, other=0.0)
+    v = tl.load(v_cache_ptr + kv_offs, mask=older, other=0.0)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
     q = tl.load(
         q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + d[None, :],
         mask=g_mask,
         other=0.0,
     )
+    new_offs = kv_base + pos.to(tl.int64) * stride_cs + d
+    k_new = tl.load(k_cache_ptr + new_offs)
+    v_new = tl.load(v_cache_ptr + new_offs)
+    is_new = (n == pos)[:, None]  # the new row, when it falls in the first block
+    k = tl.where(is_new, k_new[None, :], k)
+    v = tl.where(is_new, v_new[None, :], v)
     if UPCAST_DOT:
         q = q.to(tl.float32)
-    kv_base = b.to(tl.int64) * stride_cb + kv_head.to(tl.int64) * stride_ch
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
     m_i = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_G,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_G, HEAD_DIM), dtype=tl.float32)
-    for start in range(0, length, BLOCK_N):
+    m_i, l_i, acc = _attend(q, k, v, n < length, m_i, l_i, acc, scale_log2e, IEEE_FP32)
+    for start in range(BLOCK_N, length, BLOCK_N):  # longer contexts: after the wait
         n = start + tl.arange(0, BLOCK_N)
         n_mask = n < length
         kv_offs = kv_base + n[:, None] * stride_cs + d[None, :]
@@ -86,21 +125,7 @@ def _decode_attention_kernel(
         if UPCAST_DOT:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        if IEEE_FP32:  # noqa: SIM108  (constexpr branch, kept explicit)
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = tl.where(n_mask[None, :], s * scale_log2e, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if IEEE_FP32:  # noqa: SIM108
-            pv = tl.dot(p, v, input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+        m_i, l_i, acc = _attend(q, k, v, n_mask, m_i, l_i, acc, scale_log2e, IEEE_FP32)
     out = acc / l_i[:, None]
     tl.store(
         out_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + d[None, :],
@@ -112,6 +137,12 @@ def _decode_attention_kernel(
 # --------------------------------------------------------------------------------------------
 # Launcher
 # --------------------------------------------------------------------------------------------
+
+
+def _block_n(max_seq_len: int, interpreting: bool) -> int:
+    """K/V rows a block: 64 on the GPU; the interpreter pays per loop iteration, so it covers
+    the cache in one block (up to 1024 rows)."""
+    return min(1024, triton.next_power_of_2(max_seq_len)) if interpreting else 64
 
 
 def decode_attention(
@@ -129,6 +160,11 @@ def decode_attention(
     positions [B] (device, int32/int64): sequence b attends to cache positions
     0..positions[b]. Returns out [B, H, D] (contiguous). Positions must be < S (not checked
     on the device: that would need a host sync).
+
+    On Hopper the kernel reads ``positions`` and the cache rows below each position before
+    waiting for the previous kernel: those must not be written by a kernel of the same
+    programmatic-dependent-launch chain (the engine writes them with torch ops, which end a
+    chain); the new row at the position and q may be.
     """
     check_tensor("q", q, dim=3)
     check_runnable_device("q", q)
@@ -161,8 +197,7 @@ def decode_attention(
         return out
     group = H // Hkv
     scale = D**-0.5 if scale is None else scale
-    # The interpreter pays per loop iteration: cover the cache in one or two blocks.
-    block_n = min(1024, triton.next_power_of_2(k_cache.shape[2])) if INTERPRETING else 64
+    block_n = _block_n(k_cache.shape[2], INTERPRETING)
     use_pdl = pdl_supported(q.device)
     _decode_attention_kernel[(B, Hkv)](
         q,

@@ -70,11 +70,12 @@ def _qk_norm_rope_kernel(
     USE_PDL: tl.constexpr,
 ):
     """Program (t, g): token t's q heads [g * BLOCK_H, ...) for g < cdiv(H, BLOCK_H), else its
-    k and v heads [(g - that) * BLOCK_KV, ...). At decode every head has its own program, so
-    the kernel's time is one head's two memory round trips (the position, then its cos/sin
-    row), not the whole token's in one program."""
-    # Programmatic dependent launch (Hopper): the next kernel may launch now; the norm
-    # weights are read before waiting for the previous kernel (which wrote qkv).
+    k and v heads [(g - that) * BLOCK_KV, ...). At decode every head has its own program.
+
+    With PDL (Hopper) the next kernel may launch at once, and everything the previous kernel
+    does not write is read before waiting for it: the norm weights, the position and its
+    cos/sin row. After the wait a program loads its heads of qkv (one memory round trip),
+    computes and stores."""
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
     t = tl.program_id(0)
@@ -85,10 +86,12 @@ def _qk_norm_rope_kernel(
     w_ptr = tl.where(is_q, q_norm_w_ptr, k_norm_w_ptr)
     w1 = tl.load(w_ptr + d).to(tl.float32)
     w2 = tl.load(w_ptr + HALF + d).to(tl.float32)
-    if USE_PDL:
-        tl.extra.cuda.gdc_wait()
     b = t // tokens_per_seq
     pos = tl.load(positions_ptr + t).to(tl.int64)
+    cos = tl.load(cos_ptr + pos * stride_table + d)
+    sin = tl.load(sin_ptr + pos * stride_table + d)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
     dtype = qkv_ptr.dtype.element_ty
     row = qkv_ptr + t.to(tl.int64) * stride_qkv_t
     if is_q:
@@ -98,8 +101,6 @@ def _qk_norm_rope_kernel(
         q_ptrs = row + heads[:, None] * (2 * HALF) + d[None, :]
         q1 = tl.load(q_ptrs, mask=q_mask, other=0.0).to(tl.float32)
         q2 = tl.load(q_ptrs + HALF, mask=q_mask, other=0.0).to(tl.float32)
-        cos = tl.load(cos_ptr + pos * stride_table + d)
-        sin = tl.load(sin_ptr + pos * stride_table + d)
         q1, q2 = _norm_rope(q1, q2, w1, w2, cos, sin, eps, HALF, dtype)
         tl.store(q_ptrs, q1.to(dtype), mask=q_mask)
         tl.store(q_ptrs + HALF, q2.to(dtype), mask=q_mask)
@@ -113,8 +114,6 @@ def _qk_norm_rope_kernel(
         k2 = tl.load(k_ptrs + HALF, mask=kv_mask, other=0.0).to(tl.float32)
         v1 = tl.load(v_ptrs, mask=kv_mask, other=0.0)
         v2 = tl.load(v_ptrs + HALF, mask=kv_mask, other=0.0)
-        cos = tl.load(cos_ptr + pos * stride_table + d)
-        sin = tl.load(sin_ptr + pos * stride_table + d)
         k1, k2 = _norm_rope(k1, k2, w1, w2, cos, sin, eps, HALF, dtype)
         cache_offs = (
             b.to(tl.int64) * stride_cache_b
@@ -170,6 +169,19 @@ def _check(qkv, q_norm_weight, k_norm_weight, cos, sin, positions, k_cache, v_ca
         raise ValueError(f"head_dim must be a power of two >= 2, got {D}")
 
 
+# At most this many tokens, one head a program (the kernel is a latency: more programs,
+# shorter chains); above it, and under the interpreter (which pays per program), a token's
+# q heads share one program and its k/v heads another.
+PER_HEAD_MAX_TOKENS = 8
+
+
+def _heads_per_program(tokens: int, num_heads: int, num_kv_heads: int, interpreting: bool):
+    """(q heads, k/v heads) a program handles."""
+    if tokens <= PER_HEAD_MAX_TOKENS and not interpreting:
+        return 1, 1
+    return triton.next_power_of_2(num_heads), triton.next_power_of_2(num_kv_heads)
+
+
 def qk_norm_rope_cache_write(
     qkv: torch.Tensor,
     q_norm_weight: torch.Tensor,
@@ -191,6 +203,11 @@ def qk_norm_rope_cache_write(
     qkv [T, (H+2Hkv)*D]; positions [T] (device, int32/int64); caches [B, Hkv, S, D]; token t
     belongs to sequence t // tokens_per_seq. Positions must be < S and < len(cos) (not checked
     on the device: that would need a host sync). Returns qkv.
+
+    On Hopper the kernel reads ``positions``, the cos/sin tables and the norm weights before
+    waiting for the previous kernel: they must not be written by a kernel of the same
+    programmatic-dependent-launch chain (the engine writes positions with torch ops, which
+    end a chain); qkv may be.
     """
     _check(
         qkv,
@@ -214,10 +231,7 @@ def qk_norm_rope_cache_write(
             f"cache's {k_cache.shape[0]}"
         )
     use_pdl = pdl_supported(qkv.device)
-    # One head a program on the GPU (latency: more programs, shorter chains); under the
-    # interpreter, which pays per program, all q heads in one and all k/v heads in another.
-    block_h = triton.next_power_of_2(num_heads) if INTERPRETING else 1
-    block_kv = triton.next_power_of_2(num_kv_heads) if INTERPRETING else 1
+    block_h, block_kv = _heads_per_program(T, num_heads, num_kv_heads, INTERPRETING)
     groups = triton.cdiv(num_heads, block_h) + triton.cdiv(num_kv_heads, block_kv)
     _qk_norm_rope_kernel[(T, groups)](
         qkv,
@@ -241,7 +255,7 @@ def qk_norm_rope_cache_write(
         BLOCK_H=block_h,
         BLOCK_KV=block_kv,
         USE_PDL=use_pdl,
-        num_warps=4,
+        num_warps=1 if block_h == 1 else 4,
         **pdl_options(use_pdl),
     )
     return qkv

@@ -16,9 +16,21 @@ CASES = [(16, 8, 128, 300), (4, 2, 16, 40), (8, 2, 32, 70), (4, 4, 64, 17)]
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
 
 
+@pytest.fixture(params=["gpu-blocks", "interpreter-blocks"])
+def block_layout(request, monkeypatch):
+    """Both K/V block sizes whatever runs the test: the GPU's 64 rows (the new row in a later
+    block at long positions) and the interpreter's one block over the whole cache."""
+    import kernels.decode_attention as module
+
+    block_n = module._block_n
+    interpreting = request.param == "interpreter-blocks"
+    monkeypatch.setattr(module, "_block_n", lambda rows, _: block_n(rows, interpreting))
+    return request.param
+
+
 @pytest.mark.parametrize("dtype_name", DTYPES)
 @pytest.mark.parametrize(("H", "Hkv", "D", "S"), CASES, ids=lambda v: str(v))
-def test_matches_reference_over_live_length(H, Hkv, D, S, dtype_name, device):
+def test_matches_reference_over_live_length(H, Hkv, D, S, dtype_name, device, block_layout):
     dtype = DTYPES[dtype_name]
     B = 3
     positions = torch.tensor([0, S // 2, S - 1], dtype=torch.int32, device=device)

@@ -19,7 +19,11 @@ def heads_per_program(request, monkeypatch):
     all k/v heads in another (the interpreter's), whatever runs the test."""
     import kernels.qk_norm_rope as module
 
-    monkeypatch.setattr(module, "INTERPRETING", request.param == "grouped")
+    layout = module._heads_per_program
+    interpreting = request.param == "grouped"
+    if not interpreting:  # every token count of these tests takes one head a program
+        monkeypatch.setattr(module, "PER_HEAD_MAX_TOKENS", 1 << 20)
+    monkeypatch.setattr(module, "_heads_per_program", lambda *a: layout(*a[:3], interpreting))
     return request.param
 
 
