@@ -56,6 +56,7 @@ for spec in "$@"; do
     check) step check "$limit" python3 -m pytest -x -q -p no:cacheprovider -m "not bench and not timing" \
         tests/test_linear_residual_numerics.py tests/test_rms_norm_linear_numerics.py \
         tests/test_rms_norm_swiglu_numerics.py tests/test_qk_norm_rope_numerics.py \
+        tests/test_decode_attention_numerics.py \
         tests/test_registry.py ;;
     tptests) TAILN=15 step tptests "$limit" python3 -m pytest -q -p no:cacheprovider -rs \
         tests/test_tensor_parallel.py tests/test_profiling_tp.py ;;
