@@ -171,8 +171,9 @@ def _check(qkv, q_norm_weight, k_norm_weight, cos, sin, positions, k_cache, v_ca
 
 # At most this many tokens, one head a program (the kernel is a latency: more programs,
 # shorter chains); above it, and under the interpreter (which pays per program), a token's
-# q heads share one program and its k/v heads another.
-PER_HEAD_MAX_TOKENS = 8
+# q heads share one program and its k/v heads another. Measured in CUDA-graph decode
+# (docs/notes.md): one head a program gains at batch 1 and loses 2% at batch 8.
+PER_HEAD_MAX_TOKENS = 1
 
 
 def _heads_per_program(tokens: int, num_heads: int, num_kv_heads: int, interpreting: bool):
