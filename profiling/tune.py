@@ -124,6 +124,15 @@ def tune_fusion(fusion, config, buckets, dtype, log) -> tuple[dict, dict, tuple[
         heuristic = kernel.heuristic_config(M, N, K, dtype)
         with tuning.use_config(fusion.kernel, heuristic):
             heuristic_us = fused_us_per_call(fusion, program, config, M, dtype)
+        if heuristic_us <= best_us:  # nothing to gain: the bucket keeps no entry
+            log(f"{fusion.name} N={N} K={K} M={M}: the heuristic is as fast; no entry")
+            timings[str(M)] = {
+                "best_us": round(best_us, 3),
+                "heuristic_us": round(heuristic_us, 3),
+                "candidates": len(results),
+                "kept": "heuristic",
+            }
+            continue
         configs[str(M)] = dataclasses.asdict(best)
         timings[str(M)] = {
             "best_us": round(best_us, 3),
@@ -171,6 +180,9 @@ def main(argv=None) -> int:
             key = f"{N}x{K}"
             table.setdefault("configs", {}).setdefault(key, {}).setdefault(args.dtype, {})
             table["configs"][key][args.dtype].update(configs)
+            for bucket, timing in timings.items():
+                if timing.get("kept") == "heuristic":
+                    table["configs"][key][args.dtype].pop(bucket, None)
             table.setdefault("timings", {}).setdefault(key, {}).setdefault(args.dtype, {})
             table["timings"][key][args.dtype].update(timings)
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -38,6 +38,9 @@ if ls .whl/*.whl >/dev/null 2>&1; then  # nvtx and friends are not on the runner
   export PYTHONPATH=/tmp/site:$PWD
 fi
 GPUS=$(nvidia-smi -L 2>/dev/null | wc -l)
+# This GPU's baselines folder (perf_baselines/<gpu-slug>/): other GPUs' baselines stay put.
+SLUG=$(python3 -c "import kernels.runtime as r; print(r.gpu_slug())" 2>/dev/null || echo unknown)
+BASE="perf_baselines/$SLUG"
 pack() { tar -czf "$OUT/pass.tar.gz" -C "$OUT" pass; }
 step() {  # step NAME LIMIT CMD...: run CMD into $STAGE/NAME.log, print its tail
   local name=$1 limit=$2; shift 2
@@ -65,7 +68,7 @@ for spec in "$@"; do
     # it can), each prints its time; rc: the worst.
     suite) TAILN=25 step suite "$limit" bash -c 'rc=0; for cmd in "pytest -q -p no:cacheprovider -m \"not bench and not timing\" -n auto -rs" "pytest -q -p no:cacheprovider -m timing -rs" "profiling gate"; do t=$SECONDS; eval python3 -m $cmd; r=$?; echo "--- python -m $cmd: rc=$r in $((SECONDS - t)) s"; [ $r -gt $rc ] && rc=$r; done; exit $rc' ;;
     record) TAILN=40 step record "$limit" python3 -m profiling record --force --processes 3
-            cp perf_baselines/*/baseline.json "$STAGE/" 2>/dev/null; pack ;;
+            cp "$BASE/baseline.json" "$STAGE/" 2>/dev/null; pack ;;
     gate) TAILN=20 step gate "$limit" python3 -m profiling gate --out "$STAGE/gate" ;;
     proof) TAILN=25 step proof "$limit" python3 -m scripts.gate_proof --out "$STAGE/proof" \
         --gpus $(seq 0 $((GPUS - 1))) ${PROOF_ARGS:-} ;;
@@ -85,7 +88,7 @@ for spec in "$@"; do
         --runs "${AB_RUNS:-2}" --out "$STAGE/ab$ab.json" ;;
     bench) TAILN=20 step bench "$limit" python3 -m profiling bench --save
            # the saved pytest-benchmark JSON (per-call times, paths, peers) comes back too
-           mkdir -p "$STAGE/bench" && cp -r perf_baselines/*/*-CPython-* "$STAGE/bench/" 2>/dev/null
+           mkdir -p "$STAGE/bench" && cp -r "$BASE"/*-CPython-* "$STAGE/bench/" 2>/dev/null
            pack ;;
     tp|tpgate|tpproof) if [ "$GPUS" -lt 2 ]; then echo "=== $name: needs 2 GPUs, $GPUS here"; continue; fi ;;&
     tp) TAILN=40 step tp "$limit" bash -c '
@@ -100,9 +103,9 @@ for spec in "$@"; do
     tpgate) TAILN=40 step tpgate "$limit" bash -c '
           set -e
           torchrun --standalone --nproc-per-node 2 -m profiling record --force --size "${TP_SIZE:-0.6b}" --processes 3
-          cp perf_baselines/*/tp2/baseline.json "$0/tp2-baseline.json"
-          torchrun --standalone --nproc-per-node 2 -m profiling gate --out "$0/tpgate"' "$STAGE" ;;
-    tpproof) cp perf_baselines/*/tp2/baseline.json "$STAGE/tpproof-baseline.json" 2>/dev/null
+          cp "$1/tp2/baseline.json" "$0/tp2-baseline.json"
+          torchrun --standalone --nproc-per-node 2 -m profiling gate --out "$0/tpgate"' "$STAGE" "$BASE" ;;
+    tpproof) cp "$BASE/tp2/baseline.json" "$STAGE/tpproof-baseline.json" 2>/dev/null
         # --runs before PROOF_ARGS: a later --runs there wins (argparse keeps the last).
         TAILN=25 step tpproof "$limit" python3 -m scripts.gate_proof --tp 2 --out "$STAGE/tpproof" \
         --gpus 0 1 --runs 3 ${PROOF_ARGS:-} ;;
