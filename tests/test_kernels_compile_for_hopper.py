@@ -1,4 +1,5 @@
-"""Every Triton kernel the engine launches compiles for Hopper (sm_90), checked on a CPU.
+"""Every Triton kernel the engine launches compiles for Hopper (sm_90), checked on a CPU, and
+its programmatic dependent launch is where the kernel says it is in the compiled PTX.
 
 The interpreter runs kernels as Python over numpy: it accepts code the GPU compiler rejects
 (shapes, constexpr use, casts). Here a subprocess imports the kernels in compiled mode, runs
@@ -132,17 +133,56 @@ for jit, args, kwargs in launches:
     source = ASTSource(fn=jit, signature=signature, constexprs=constexprs)
     kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
     assert kernel.asm["cubin"], key
-    compiled.append({"kernel": jit.fn.__name__, "options": options})
+    # The PDL contract as compiled: where the wait and the trigger sit among global loads.
+    marks = "".join(
+        "W" if "griddepcontrol.wait" in line else "T" if "griddepcontrol.launch_dependents" in line
+        else "L"
+        for line in kernel.asm["ptx"].splitlines()
+        if "griddepcontrol" in line or "ld.global" in line
+    )
+    compiled.append({
+        "kernel": jit.fn.__name__, "options": options, "waits": marks.count("W"),
+        "triggers": marks.count("T"), "loads_before_wait": marks.split("W")[0].count("L"),
+        "trigger_after_wait": "W" in marks and marks.find("T") > marks.find("W"),
+    })
 print(json.dumps(compiled))
 """
 
 
-def test_every_engine_kernel_compiles_for_hopper():
+@pytest.fixture(scope="module")
+def compiled():
     if torch.cuda.is_available():
         pytest.skip("on a GPU runner every launch compiles for the GPU itself")
     result = compile_for_hopper(_RECORD_AND_COMPILE)
     assert result.returncode == 0, result.stderr[-4000:]
-    compiled = json.loads(result.stdout.strip().splitlines()[-1])
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# Kernels that read before the PDL wait what the kernel before them does not write (weights,
+# positions, rope tables, older cache rows); silu_mul reads only its producer's output.
+_READS_BEFORE_WAIT = {
+    "_gemv_residual_kernel", "_rms_norm_linear_kernel", "_rms_norm_swiglu_kernel",
+    "_rms_norm_kernel", "_qk_norm_rope_kernel", "_decode_attention_kernel",
+}  # fmt: skip
+# Kernels that let the next one launch only after their wait (measured: the next kernel's
+# weight stream slowed their loads).
+_TRIGGER_AFTER_WAIT = {"_decode_attention_kernel"}
+
+
+def test_pdl_as_compiled_waits_once_and_reads_weights_before_the_wait(compiled):
+    """In the PTX of every PDL launch: one griddepcontrol.wait and one launch_dependents; the
+    kernels that promise it issue global loads before the wait (the compiler kept them there);
+    the trigger sits before the wait except where the kernel says otherwise."""
+    pdl = [c for c in compiled if c["options"].get("launch_pdl")]
+    assert {c["kernel"] for c in pdl} >= _READS_BEFORE_WAIT | {"_silu_mul_kernel"}
+    for c in pdl:
+        assert c["waits"] == 1 and c["triggers"] == 1, c
+        if c["kernel"] in _READS_BEFORE_WAIT:
+            assert c["loads_before_wait"] > 0, f"{c['kernel']}: no load before its wait"
+        assert c["trigger_after_wait"] == (c["kernel"] in _TRIGGER_AFTER_WAIT), c
+
+
+def test_every_engine_kernel_compiles_for_hopper(compiled):
     kernels = {c["kernel"] for c in compiled}
     from engine import fusions as registry
 
