@@ -95,29 +95,24 @@ def _steps(base: dict) -> list[str]:
         got = [ratios.get(f"{fusion}/{m}/{ref}") for m in rows]
         return got if any(got) else None
 
+    def fmt(entries, field):
+        return " / ".join("-" if e is None else f"{e[field]:.2f}" for e in entries)
+
     for fusion in fusions:
         unfused, peer = cells(fusion, "unfused"), cells(fusion, PEER)
-        fused = [r["fused_us"] if r else None for r in unfused]
         paths = sorted({r["path"] for r in unfused if r})
-
-        def fmt(values):
-            return " / ".join("-" if v is None else f"{v:.2f}" for v in values)
-
         lines.append(
-            f"| {fusion} | {' / '.join(m[1:] for m in rows)} | {fmt(fused)} | "
-            f"{', '.join(paths)} | {fmt([r['reference_us'] if r else None for r in unfused])} | "
-            f"{fmt([r['reference_us'] if r else None for r in peer]) if peer else '-'} |"
+            f"| {fusion} | {' / '.join(m[1:] for m in rows)} | {fmt(unfused, 'fused_us')} | "
+            f"{', '.join(paths)} | {fmt(unfused, 'reference_us')} | "
+            f"{fmt(peer, 'reference_us') if peer else '-'} |"
         )
     return lines
 
 
 def _breakdown(report: dict) -> list[str]:
-    parts = []
-    for variant in ("default", "none"):
-        bd = report["breakdown"][variant]
-        parts.append((variant, bd["total_us_per_step"], bd["rows"]))
-    (_, total, rows), (_, none_total, _) = parts
-    big = sorted(rows, key=lambda r: -r["us_per_step"])[:7]
+    default, none = report["breakdown"]["default"], report["breakdown"]["none"]
+    total, none_total = default["total_us_per_step"], none["total_us_per_step"]
+    big = sorted(default["rows"], key=lambda r: -r["us_per_step"])[:7]
     listed = ", ".join(
         f"{r['name']} {r['us_per_step']:.1f} (floor {r['floor_us']:.1f})" for r in big
     )
