@@ -28,7 +28,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 BASELINE_ROOT = REPO_ROOT / "perf_baselines"
 BASELINE_FILE = "baseline.json"
 BASELINE_SCHEMA = "fusionguard-baseline/2"
-RECORD_COMMAND = "python -m profiling record   (tox -e record) on this GPU, then commit it"
+RECORD_COMMAND = (
+    "python -m profiling record   (tox -e record) on this GPU, then commit it (a GPU model "
+    "with no tuned tables either: python -m profiling onboard)"
+)
 
 KERNEL_RATIO_FLOOR, KERNEL_RATIO_CAP = 0.02, 0.04
 TOK_S_FLOOR, TOK_S_CAP = 0.04, 0.10
@@ -710,7 +713,8 @@ def kernel_benchmark_file(slug: str | None = None, *, root: str | Path = BASELIN
     if not saved:
         raise BaselineMissing(
             f"no pytest-benchmark baseline under {folder}/<machine-id>/: record one with "
-            f"python -m profiling bench --save   on this GPU"
+            f"python -m profiling bench --save   on this GPU (or onboard it: python -m "
+            f"profiling onboard)"
         )
     return saved[-1]
 

@@ -16,6 +16,8 @@
 #                                                            e.g. "--fusions down_proj_residual
 #                                                            --sizes 0.6b 8b; --buckets 8"),
 #                                                            into the tree and configs/
+#   benchjson  the kernel benchmark, JSON kept      onboard  python -m profiling onboard (tables
+#              (BENCH_K: -k filter)                          and baselines come back too)
 #   bench    python -m profiling bench --save       ab       scripts.compare_trees $AB_BASE . (decode
 #                                                            tok/s of two trees, runs alternating)
 #   tp       (>= 2 GPUs) torchrun --nproc-per-node 2 -m profiling measure --size 8b, then the
@@ -86,6 +88,12 @@ for spec in "$@"; do
         base=${bases[$((ab - 1))]:-${bases[-1]}}
         TAILN=12 step "ab$ab" "$limit" python3 -m scripts.compare_trees "$base" . \
         --runs "${AB_RUNS:-2}" --out "$STAGE/ab$ab.json" ;;
+    # The kernel benchmark without saving or comparing (BENCH_K: a -k filter), JSON kept.
+    benchjson) bj=$((${bj:-0} + 1))
+        TAILN=12 step "benchjson$bj" "$limit" python3 -m pytest -m bench -p no:cacheprovider -q \
+        ${BENCH_K:+-k "$BENCH_K"} --benchmark-json="$STAGE/bench$bj.json" ;;
+    onboard) TAILN=40 step onboard "$limit" python3 -m profiling onboard
+        cp -r kernels/configs "$STAGE/"; cp -r "$BASE" "$STAGE/baselines"; pack ;;
     bench) TAILN=20 step bench "$limit" python3 -m profiling bench --save
            # the saved pytest-benchmark JSON (per-call times, paths, peers) comes back too
            mkdir -p "$STAGE/bench" && cp -r "$BASE"/*-CPython-* "$STAGE/bench/" 2>/dev/null
