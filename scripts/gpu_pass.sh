@@ -92,6 +92,23 @@ for spec in "$@"; do
     benchjson) bj=$((${bj:-0} + 1))
         TAILN=12 step "benchjson$bj" "$limit" python3 -m pytest -m bench -p no:cacheprovider -q \
         ${BENCH_K:+-k "$BENCH_K"} --benchmark-json="$STAGE/bench$bj.json" ;;
+    # The same benchmark in a copy of the tree without this GPU's tuned tables: the heuristic.
+    benchheur) TAILN=12 step benchheur "$limit" bash -c 'rm -rf /tmp/heur && python3 -c "
+from pathlib import Path; import scripts.gate_proof as g; g.copy_tree(Path(\"/tmp/heur\"))" &&
+        rm -f /tmp/heur/kernels/configs/*/"$1".json && cd /tmp/heur &&
+        python3 -m pytest -m bench -p no:cacheprovider -q ${BENCH_K:+-k "$BENCH_K"} \
+        --benchmark-json="$0/bench-heuristic.json"' "$STAGE" "$SLUG" ;;
+    # A slowdown planted in the linear+residual kernel (PLANT_FMAS dependent FMAs per program)
+    # of a copy of the tree: the kernel benchmark compared with this GPU's saved run must fail.
+    benchplant) TAILN=30 step benchplant "$limit" bash -c 'rm -rf /tmp/plant && python3 -c "
+from pathlib import Path; import scripts.gate_proof as g; t = Path(\"/tmp/plant\"); g.copy_tree(t)
+p, apply = g._fma_plant(int(\"$1\")); f = t / p; f.write_text(apply(f.read_text()))" &&
+        cd /tmp/plant && python3 -m profiling bench --root "$0" -k "$2"' \
+        "$PWD/perf_baselines" "${PLANT_FMAS:-200}" "${PLANT_K:-o_proj_residual-0.6b}" ;;
+    # The engine CLI's decode figure next to profiling measure's, same GPU, same settings.
+    cli) TAILN=30 step cli "$limit" bash -c 'python3 -m engine --cuda-graph --prompt-len 16 \
+        --max-new-tokens 48 && python3 -m profiling measure --batches 1 --out "$0/measure-b1"' \
+        "$STAGE" ;;
     onboard) TAILN=40 step onboard "$limit" python3 -m profiling onboard
         cp -r kernels/configs "$STAGE/"; cp -r "$BASE" "$STAGE/baselines"; pack ;;
     bench) TAILN=20 step bench "$limit" python3 -m profiling bench --save
