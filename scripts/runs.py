@@ -219,6 +219,9 @@ def environment(folder: Path) -> dict:
             env["torch"], env["triton"] = m.groups()
         if m := _COMMIT.search(text):
             env["logs_commit"] = m.group(1)
+        if m := _DATE.search(text):  # `date -u`: "Wed Nov 25 10:51:16 PM UTC 2026"
+            month = "JanFebMarAprMayJunJulAugSepOctNovDec".index(m.group(1)) // 3 + 1
+            env["date"] = f"{m.group(3)}-{month:02d}-{int(m.group(2)):02d}"
     for path in sorted(Path(folder).rglob("*.json")):
         data = _json(path)
         if isinstance(data, dict) and data.get("gpu") and data.get("torch"):
@@ -235,6 +238,7 @@ def line(folder: Path, *, name: str, date: str, commit: str, command: str, **kno
     """One line of runs.jsonl; ``known``: fields the folder does not hold (e.g. the GPUs of a
     run without env.log), kept only where the folder has nothing for them."""
     env = environment(folder)
+    env.pop("date", None)  # the date given wins
     gpu = env.pop("gpu", None)
     if "gpus" not in env:  # no nvidia-smi listing: how many GPUs is only known from outside
         env["gpus"] = known.pop("gpus", None) or [gpu]

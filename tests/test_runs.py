@@ -13,8 +13,9 @@ def _pass_folder(tmp_path, rng):
     checks, seconds = rng.randint(100, 300), rng.randint(10, 90)
     passed, skipped = rng.randint(100, 900), rng.randint(1, 40)
     tok_s = round(rng.uniform(500, 2000), 1)
+    day = rng.randint(1, 28)
     (tmp_path / "env.log").write_text(
-        "Wed Nov 25 10:51:16 PM UTC 2026\n"
+        f"Wed Nov {day} 10:51:16 PM UTC 2026\n"
         "| NVIDIA-SMI 580.159.04             Driver Version: 580.159.04     CUDA Version: 13.0 |\n"
         "|   0  NVIDIA H100 80GB HBM3          On  |   00000000:00:06.0 Off |        0 |\n"
         "torch 2.11.0+cu130 triton 3.6.0\ncommit abc1234\n"
@@ -27,12 +28,13 @@ def _pass_folder(tmp_path, rng):
         json.dumps({"base": "_old", "summary": {"1": {"base": tok_s, "new": 2 * tok_s,
                                                       "new/base": 2.0}}})
     )  # fmt: skip
-    return checks, seconds, passed, skipped, tok_s
+    return checks, seconds, passed, skipped, tok_s, f"2026-11-{day:02d}"
 
 
 def test_figures_are_read_from_the_pass_files(tmp_path):
     rng = random.Random()
-    checks, seconds, passed, skipped, tok_s = _pass_folder(tmp_path, rng)
+    checks, seconds, passed, skipped, tok_s, date = _pass_folder(tmp_path, rng)
+    assert runs.environment(tmp_path)["date"] == date
     rec = runs.line(tmp_path, name="x", date="2026-11-25", commit="abc1234", command="c")
     assert rec["gpus"] == ["NVIDIA H100 80GB HBM3"]
     assert (rec["driver"], rec["torch"], rec["triton"]) == ("580.159.04", "2.11.0+cu130", "3.6.0")
