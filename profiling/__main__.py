@@ -16,12 +16,8 @@
                                                   the same stages on N tensor-parallel ranks
                                                   (baseline perf_baselines/<gpu-slug>/tpN/)
 
-Exit codes, every command: 0 pass (report: written, and its comparison passed or there is
-nothing to compare on a CPU), 1 fail (the gate, the report's comparison, a benchmark
-regression), 2 usage or environment error (bad arguments; gate, record and bench on a machine
-without a CUDA GPU), 3 no usable baseline (missing, malformed, another GPU model, another
-model, plan or set of fusions). A baseline is validated before anything is measured; a missing
-baseline is never a pass (the report is still written, then exit 3).
+Exit codes (0 pass, 1 fail, 2 usage or environment error, 3 no usable baseline): their
+rules are in docs/definitions.md, "Exit codes".
 
 Without a GPU the report runs a small 2-layer, hidden-64 model (engine.config.SMALL) through
 the Triton interpreter:

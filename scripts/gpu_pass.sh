@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# One pass on a GPU machine: run the named steps in order, each under its own time limit, logs
-# and outputs under $OUT/pass/, all packed into $OUT/pass.tar.gz after every step (the device
-# tool brings back only a few files; a pass cut short keeps what it finished).
+# A pass of steps on a GPU runner: run the named steps in order, each under its own time limit.
+# Every step's log and outputs go under $OUT/pass/ ($OUT: the output folder, default ./out),
+# and the whole folder is packed into one archive, $OUT/pass.tar.gz, after every step: one
+# file carries the whole pass off the machine, and a pass cut short keeps what it finished.
+# Afterwards, `python -m scripts.runs add <the unpacked pass/> --command "..."` appends the
+# pass's figures to results/runs.jsonl.
 #
 #   OUT=out FUSIONGUARD_COMMIT=<sha> bash scripts/gpu_pass.sh env check:120 record:200 proof:400
 #
@@ -33,9 +36,9 @@ OUT=${OUT:-out}
 STAGE="$OUT/pass"
 mkdir -p "$STAGE"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD MPLBACKEND=Agg
-# NVLink multicast stays off on every machine (shared GPUs): never let a library turn it on.
+# NVLink multicast stays off (GPUs may be shared with other jobs): never let a library turn it on.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-if ls .whl/*.whl >/dev/null 2>&1; then  # nvtx and friends are not on the runner: carried
+if ls .whl/*.whl >/dev/null 2>&1; then  # wheels shipped with the tree, for a runner offline
   python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD
 fi
@@ -65,7 +68,6 @@ for spec in "$@"; do
         tests/test_registry.py ;;
     tptests) TAILN=15 step tptests "$limit" python3 -m pytest -q -p no:cacheprovider -rs \
         tests/test_tensor_parallel.py tests/test_profiling_tp.py ;;
-    # Both halves run even when the first fails (a pass gathers all it can); rc: the worse.
     # tox -e gpu's three commands; each runs even when one before it fails (a pass gathers all
     # it can), each prints its time; rc: the worst.
     suite) TAILN=25 step suite "$limit" bash -c 'rc=0; for cmd in "pytest -q -p no:cacheprovider -m \"not bench and not timing\" -n auto -rs" "pytest -q -p no:cacheprovider -m timing -rs" "profiling gate"; do t=$SECONDS; eval python3 -m $cmd; r=$?; echo "--- python -m $cmd: rc=$r in $((SECONDS - t)) s"; [ $r -gt $rc ] && rc=$r; done; exit $rc' ;;
