@@ -116,9 +116,37 @@ def _bench(data: dict) -> dict:
     for b in data.get("benchmarks", []):
         info = b.get("extra_info", {})
         if "us_per_call" in info:
-            key = f"{info['fusion']}/{info['size']}/M={info['M']}"
+            # the out-of-place benchmark of linear_residual is no fusion step
+            key = f"{info.get('fusion', 'out_of_place')}/{info['size']}/M={info['M']}"
             rows[key] = {k: round(v, 3) for k, v in info["us_per_call"].items()}
     return rows
+
+
+def tune_figures(text: str) -> list[dict]:
+    """Each tuned bucket's best and heuristic µs (profiling.tune's log lines)."""
+    return [
+        {"fusion": f, "N": int(n), "K": int(k), "M": int(m), "best_us": float(b),
+         "heuristic_us": float(h)}
+        for f, n, k, m, b, h in _TUNE.findall(text)
+    ]  # fmt: skip
+
+
+_STAGE_TIMES = re.compile(r"^stage times: (.*)$", re.M)
+_ONBOARD_TIME = re.compile(r"^onboarding time: (\d+) s", re.M)
+
+
+def onboard_figures(text: str) -> dict:
+    """``python -m profiling onboard``: its tuning results, stage times, total and gate."""
+    out: dict = {"tune": tune_figures(text)}
+    if m := _STAGE_TIMES.search(text):
+        out["stage_s"] = {
+            name: int(sec) for name, sec in re.findall(r"([\w ]+?) (\d+) s(?:, |$)", m.group(1))
+        }
+    if m := _ONBOARD_TIME.search(text):
+        out["total_s"] = int(m.group(1))
+    if g := gate_figures(text):
+        out["gate"] = g
+    return out
 
 
 def figures(folder: Path) -> dict:
@@ -147,12 +175,10 @@ def figures(folder: Path) -> dict:
                     out[name]["gate"] = g
             elif name in ("check", "tptests") or name.endswith("-tests"):
                 out[name] = pytest_counts(text)
+            elif name == "onboard":
+                out[name] = onboard_figures(text)
             elif name == "tune":
-                out[name] = [
-                    {"fusion": f, "N": int(n), "K": int(k), "M": int(m), "best_us": float(b),
-                     "heuristic_us": float(h)}
-                    for f, n, k, m, b, h in _TUNE.findall(text)
-                ]  # fmt: skip
+                out[name] = tune_figures(text)
             elif name.endswith("-time"):
                 out[name] = [
                     {"shape": [int(r), int(c)], "dtype": d, "one_shot_us": float(a),
@@ -181,7 +207,7 @@ def figures(folder: Path) -> dict:
                         for b, s in data["summary"].items()
                     },
                 }
-            elif rel in ("baseline.json", "tp2-baseline.json"):
+            elif rel in ("baseline.json", "tp2-baseline.json", "baselines/baseline.json"):
                 out[name.replace("-", "_")] = decode_figures(data)
             elif rel.endswith("proof.json") or rel.endswith("rejudged.json"):
                 step = rel.split("/")[0] + ("_rejudged" if name == "rejudged" else "")
@@ -202,6 +228,10 @@ def figures(folder: Path) -> dict:
                 }
             elif rel.startswith("bench/") and "benchmarks" in data:
                 out["bench"] = _bench(data)
+            elif rel.startswith("baselines/") and "benchmarks" in data:
+                out["bench_saved"] = _bench(data)
+            elif "benchmarks" in data:
+                out[name] = _bench(data)
     return out
 
 
