@@ -45,7 +45,7 @@ from profiling.numerics import check_fusion
 def _linear_residual(M: int, N: int, K: int):
     from kernels.linear_residual import Config
 
-    out = [Config("cublas")] if M >= 16 else []
+    out = [Config("cublas")] if M > 4 else []
     # K slices of 512-4096 columns, as many as cover K: K = 3072 splits 3 x 1024 or 6 x 512,
     # not 4 x 1024 with the last slice empty (or 2 x 2048 with a quarter of each tile masked).
     for slice_k in sorted({min(next_pow2(K), s) for s in (512, 1024, 2048, 4096)}):
