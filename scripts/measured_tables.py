@@ -25,12 +25,16 @@ MEASURED = ROOT / "docs" / "measured.md"
 WRITE = "python -m scripts.measured_tables --write"
 SOURCES = {
     "baseline": "perf_baselines/nvidia-h100-80gb-hbm3/baseline.json",
+    "baseline_h200": "perf_baselines/nvidia-h200/baseline.json",
+    "bench_heuristic_h200": "results/2026-12-03-h200-retune-m8/bench-heuristic.json",
+    "bench_tuned_h200": "perf_baselines/nvidia-h200/Linux-CPython-3.12-64bit/0002_kernels.json",
     "tp2_baseline": "perf_baselines/nvidia-h100-80gb-hbm3/tp2/baseline.json",
     "report": "results/2026-11-25-h100-record-prewait/report/report.json",
     "runs": "results/runs.jsonl",
 }
 # The runs of results/runs.jsonl that docs/measured.md quotes, by what they show.
 RUNS_QUOTED = {
+    "onboard": "2026-12-03-h200-onboard",
     "prefill": "2026-11-25-h100x2-bench-branches",
     "tp": "2026-11-25-h100x2-tp-one-barrier",
     "all_reduce": "2026-11-25-h100x2-bench-branches",
@@ -217,6 +221,36 @@ def _prefill(runs: list[dict]) -> list[str]:
     return lines
 
 
+def _decode_peers() -> list[str]:
+    """Best peer / fused at decode sizes, the kernels' heuristic (no tuned table) and tuned."""
+    from scripts import peer_table
+
+    files = [ROOT / SOURCES[k] for k in ("bench_heuristic_h200", "bench_tuned_h200")]
+    rows = peer_table.table(files, {1, 8})
+    return [
+        "**Decode sizes, best peer / fused, heuristic and tuned** (NVIDIA H200; µs per call of "
+        "the fused step and of the fastest of its one-launch peer `residual.addmm_` and its "
+        "unfused ops `F.linear` + add; `heuristic`: the kernel benchmark with this GPU's tuned "
+        f"tables removed, `{SOURCES['bench_heuristic_h200']}`; `tuned`: "
+        f"`{SOURCES['bench_tuned_h200']}`; `python -m scripts.peer_table` renders it). "
+        "torch.compile is not among the peers measured:",
+        "",
+        peer_table.render(rows, ["heuristic", "tuned"], markdown=True),
+    ]
+
+
+def _onboard(runs: list[dict]) -> list[str]:
+    r = _run(runs, RUNS_QUOTED["onboard"])
+    o = r["figures"]["onboard"]
+    stages = ", ".join(f"{name} {sec} s" for name, sec in o["stage_s"].items())
+    return [
+        f"**Onboarding a GPU model** (`python -m profiling onboard` on a tree with no table or "
+        f"baseline for it, {_where(r)}): {o['total_s']} s in all ({stages}); "
+        f"{len(o['tune'])} buckets tuned; gate {o['gate']['verdict']} "
+        f"({o['gate']['checks']} checks).",
+    ]
+
+
 def _tensor_parallel(runs: list[dict], tp2: dict) -> list[str]:
     r = _run(runs, RUNS_QUOTED["tp"])
     f = r["figures"]
@@ -357,6 +391,8 @@ def render_measured() -> str:
         _steps(base),
         _breakdown(report),
         _prefill(runs),
+        _decode_peers(),
+        _onboard(runs),
         _ncu(runs),
         ["## The gate and the GPU suite"],
         _suite(runs),
@@ -370,24 +406,29 @@ def render_measured() -> str:
     return "\n\n".join("\n".join(s) for s in sections) + "\n"
 
 
-def _headline(base: dict) -> list[str]:
-    e2e = base["e2e"]
-    counts = {k: v["kernels_per_step"] for k, v in base["launches"].items()}
-    return [
-        f"On one {base['gpu']} (`{SOURCES['baseline']}`: commit {base['commit']}, "
-        f"{base['date'][:10]}; Qwen3-0.6B architecture, bf16, CUDA graphs):",
+def _headline(bases: dict[str, dict]) -> list[str]:
+    """Decode tok/s of each GPU's baseline (``bases``: source name -> baseline)."""
+    lines = [
+        "Qwen3-0.6B architecture, bf16, CUDA graphs, from each GPU's committed baseline:",
         "",
-        "| batch | decode, default fusions | none | speed-up |",
-        "|---|---|---|---|",
-        *(
-            f"| {k[1:]} | **{b['variants']['default']['median']:.1f} tok/s** | "
-            f"{b['variants']['none']['median']:.1f} tok/s | {b['speedups']['all']['median']:.3f}x |"
-            for k, b in sorted(e2e.items(), key=lambda kv: int(kv[0][1:]))
-        ),
+        "| GPU (baseline: commit, date) | batch | decode, default fusions | none | speed-up |",
+        "|---|---|---|---|---|",
+    ]
+    for source, base in bases.items():
+        where = f"{base['gpu']} (`{SOURCES[source]}`: {base['commit']}, {base['date'][:10]})"
+        for k, b in sorted(base["e2e"].items(), key=lambda kv: int(kv[0][1:])):
+            lines.append(
+                f"| {where} | {k[1:]} | **{b['variants']['default']['median']:.1f} tok/s** | "
+                f"{b['variants']['none']['median']:.1f} tok/s | "
+                f"{b['speedups']['all']['median']:.3f}x |"
+            )
+    counts = {k: v["kernels_per_step"] for k, v in next(iter(bases.values()))["launches"].items()}
+    lines += [
         "",
         f"{counts['default/graph-b1']:.0f} kernels a token with the default fusions, "
         f"{counts['none/graph-b1']:.0f} with none.",
     ]
+    return lines
 
 
 def _marks(name: str) -> tuple[str, str]:
@@ -396,8 +437,9 @@ def _marks(name: str) -> tuple[str, str]:
 
 def readme_blocks() -> dict[str, str]:
     """README.md's generated blocks as the committed files render them, markers included."""
-    base, runs = _load("baseline"), _load("runs")
-    blocks = {"headline figures": _headline(base), "GPU suite status": _suite(runs)}
+    bases = {name: _load(name) for name in ("baseline", "baseline_h200")}
+    runs = _load("runs")
+    blocks = {"headline figures": _headline(bases), "GPU suite status": _suite(runs)}
     return {name: "\n".join([_marks(name)[0], *lines, _marks(name)[1]]) for name, lines in
             blocks.items()}  # fmt: skip
 
