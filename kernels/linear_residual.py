@@ -484,7 +484,10 @@ def linear_residual(
     inputs' dtype (bf16, fp16 or fp32), accumulated in float32 and rounded once. ``out`` may
     be ``residual`` (in place) or a new tensor viewable as [rows, N]; inputs may have any
     strides. An empty batch returns an empty result without a launch; NaN/inf propagate as in
-    the formula. Every call checks its inputs (wrong shapes, dtypes, devices, strides and
+    the formula. Out of place on the cuBLAS path (prefill) the residual is first copied into
+    the new output, as ``torch.addmm`` does: as fast as the best out-of-place torch peer, but
+    one kernel only with ``out=residual`` (docs/measured.md, "Out of place"). Every call
+    checks its inputs (wrong shapes, dtypes, devices, strides and
     aliasing get an error naming the argument).
 
     On Hopper the GEMV path is launched with programmatic dependent launch: it may start while

@@ -239,6 +239,30 @@ def _decode_peers() -> list[str]:
     ]
 
 
+def _out_of_place() -> list[str]:
+    data = json.loads((ROOT / SOURCES["bench_tuned_h200"]).read_text())
+    rows = [
+        b["extra_info"]
+        for b in data["benchmarks"]
+        if "fusion" not in b["extra_info"] and "us_per_call" in b["extra_info"]
+    ]
+    lines = [
+        "**Out of place** (`linear_residual(x, residual, W)` writing a new tensor, 0.6B o_proj "
+        "shape, NVIDIA H200, µs per call; `torch.addmm(residual, x, W.T)` and `F.linear` + add "
+        f"also write a new tensor; `{SOURCES['bench_tuned_h200']}`). From 64 rows the fused call "
+        "is cuBLAS's GEMM after a copy of the residual into the output, as `torch.addmm` is:",
+        "",
+        "| M | fused | torch.addmm | F.linear + add |",
+        "|---|---|---|---|",
+    ]
+    for info in sorted(rows, key=lambda i: i["M"]):
+        us = info["us_per_call"]
+        lines.append(
+            f"| {info['M']} | {us['fused']:.2f} | {us['addmm']:.2f} | {us['linear_add']:.2f} |"
+        )
+    return lines
+
+
 def _onboard(runs: list[dict]) -> list[str]:
     r = _run(runs, RUNS_QUOTED["onboard"])
     o = r["figures"]["onboard"]
@@ -392,6 +416,7 @@ def render_measured() -> str:
         _breakdown(report),
         _prefill(runs),
         _decode_peers(),
+        _out_of_place(),
         _onboard(runs),
         _ncu(runs),
         ["## The gate and the GPU suite"],
