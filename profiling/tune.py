@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import importlib
-import itertools
 import json
 from pathlib import Path
 
@@ -25,79 +23,37 @@ import triton
 
 from engine import fusions as registry
 from engine.config import QWEN3_SIZES, qwen3_config
-from engine.program import span_ops
+from engine.program import dim, span_ops
 from engine.qwen3 import Qwen3ForCausalLM
 from kernels import tuning
-from kernels.launch_checks import next_pow2
 from kernels.runtime import gpu_name, gpu_slug
 from profiling.kernel_timing import fused_us_per_call
 from profiling.numerics import check_fusion
 
 
-def _linear_residual(M: int, N: int, K: int):
-    from kernels.linear_residual import Config
-
-    out = [Config("cublas")] if M >= 16 else []
-    # K slices of 512-4096 columns, as many as cover K: K = 3072 splits 3 x 1024 or 6 x 512,
-    # not 4 x 1024 with the last slice empty (or 2 x 2048 with a quarter of each tile masked).
-    for slice_k in sorted({min(next_pow2(K), s) for s in (512, 1024, 2048, 4096)}):
-        split = triton.cdiv(K, slice_k)
-        if M <= 4:
-            for bn, warps in itertools.product((1, 2, 4, 8), (4, 8)):
-                if M * bn * slice_k <= 16384 and 128 <= triton.cdiv(N, bn) * split <= 8192:
-                    out.append(Config("gemv", M, bn, slice_k, warps, pdl=True, split_k=split))
-        if M >= 2 and slice_k >= 64:
-            for bn, warps in itertools.product((16, 32, 64), (4, 8)):
-                programs = triton.cdiv(N, bn) * split * triton.cdiv(M, 16)
-                if 64 <= programs <= 2048 and bn * slice_k <= 32768 and 16 * slice_k <= 32768:
-                    out.append(
-                        Config("gemv", 16, bn, slice_k, warps, pdl=True, split_k=split, dot=True)
-                    )
-    return out
+def tunable(fusion) -> bool:
+    """Whether ``fusion``'s kernel has a launch table to tune (it exports its candidates)."""
+    return hasattr(fusion.kernel_module(), "tuning_candidates")
 
 
-def _rms_norm_gemv(M: int, N: int, K: int):
-    from kernels.rms_norm_linear import Config
-
-    out = [Config("cublas")] if M >= 16 else []
-    block_k = triton.next_power_of_2(K)
-    if M <= 4:
-        for bn, warps in itertools.product((1, 2, 4, 8), (4, 8)):
-            if M * bn * block_k <= 16384:
-                out.append(Config("gemv", triton.next_power_of_2(M), bn, block_k, warps, pdl=True))
-    if M >= 2:
-        for bn, warps, bk in itertools.product((16, 32), (4, 8), (256, 512, 1024)):
-            if bk <= block_k:
-                out.append(Config("gemv", 16, bn, bk, warps, pdl=True, dot=True))
-    return out
-
-
-CANDIDATES = {
-    "linear_residual": _linear_residual,
-    "rms_norm_linear": _rms_norm_gemv,
-    "rms_norm_swiglu": _rms_norm_gemv,
-}
-
-
-def _kernel_shape(fusion, ops, config) -> tuple[int, int]:
-    """(N, K) the kernel's table is keyed by: its weight's shape (the swiglu kernel: I, K)."""
+def kernel_shape(fusion, ops, config) -> tuple[int, int]:
+    """(N, K) the kernel's table is keyed by: its weight's shape, N divided by the kernel's
+    weight rows per output column (the swiglu kernel: I, K)."""
     weight = next(r for op in ops for r in op.reads if r.kind == "param" and len(r.dims) == 2)
-    from engine.program import dim
-
     N, K = (dim(config, d) for d in weight.dims)
-    return (N // 2, K) if fusion.kernel == "rms_norm_swiglu" else (N, K)
+    return N // fusion.kernel_module().ROWS_PER_OUTPUT, K
 
 
 def tune_fusion(fusion, config, buckets, dtype, log) -> tuple[dict, dict, tuple[int, int]]:
     with torch.device("meta"):
         program = Qwen3ForCausalLM(config.replace(num_hidden_layers=1)).program()
     ops = span_ops(program, fusion)
-    N, K = _kernel_shape(fusion, ops, config)
-    kernel = importlib.import_module(f"kernels.{fusion.kernel}")
+    N, K = kernel_shape(fusion, ops, config)
+    kernel = fusion.kernel_module()
     configs, timings = {}, {}
     for M in buckets:
         results = []
-        for cfg in CANDIDATES[fusion.kernel](M, N, K):
+        for cfg in kernel.tuning_candidates(M, N, K):
             try:
                 with tuning.use_config(fusion.kernel, cfg):
                     us = fused_us_per_call(fusion, program, config, M, dtype, reps=2, rounds=5)
@@ -156,7 +112,7 @@ def main(argv=None) -> int:
     dtype = getattr(torch, args.dtype)
     for name in args.fusions:
         fusion = registry.get(name)
-        if fusion.kernel not in CANDIDATES:
+        if not tunable(fusion):
             print(f"{name}: kernel {fusion.kernel} has no tuning candidates: skipped")
             continue
         for size in args.sizes:

@@ -10,7 +10,6 @@ GPU's stored baseline. The planted regressions run on the GPU through scripts/ga
 
 from __future__ import annotations
 
-import contextlib
 import json
 
 import pytest
@@ -318,7 +317,7 @@ def test_the_committed_tp_baselines_describe_the_code_as_it_is():
     """The same for perf_baselines/<gpu>/tpN/: rank 0's sharded model, built on meta with the
     TP-only fusions registered (as every TP process does), against the stored summary."""
     from engine.config import default_config
-    from engine.parallel import TP_FUSIONS, Parallel, ShardedQwen3ForCausalLM
+    from engine.parallel import Parallel, ShardedQwen3ForCausalLM
     from engine.qwen3 import on_meta
     from profiling.measure import model_summary
 
@@ -329,9 +328,7 @@ def test_the_committed_tp_baselines_describe_the_code_as_it_is():
         stored = json.loads(path.read_text())["model"]
         assert path.parent.name == f"tp{stored['tp']}", path
         config = default_config().replace(**stored["config"])
-        with contextlib.ExitStack() as stack:
-            for fusion in TP_FUSIONS:
-                stack.enter_context(registry.registered(fusion))
+        with registry.rank_fusions_listed():
             with on_meta(getattr(torch, stored["dtype"])):
                 model = ShardedQwen3ForCausalLM(config, Parallel(0, stored["tp"]))
             _assert_describes(path, stored, model_summary(model))
