@@ -1,7 +1,8 @@
 """The measurements of the suite, stage by stage, for every registered fusion.
 
-Each stage returns plain JSON-able data; profiling/baselines.py turns a run into a baseline
-and compares runs, profiling/gate.py runs the gate's stages, ``python -m profiling`` the report.
+Each stage returns plain JSON-able data; profiling/gate.py lists the stages, runs them and
+compares a run with a baseline, profiling/baselines.py turns a run into a baseline and stores
+it, ``python -m profiling`` writes the report.
 
 1. launches   kernels per decode step (= per token at batch 1) per variant, mode (eager, CUDA
               graph) and batch size, attributed to every segment (fusion step or unfused op)

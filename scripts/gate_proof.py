@@ -104,7 +104,7 @@ PLANTS = {
         "engine/fusions.py", O_PROJ, O_PROJ.replace("out=residual", "1.01, out=residual")
     ),
     "fp32_tf32": _sub(
-        "kernels/linear_residual.py",
+        "kernels/gemv.py",
         'acc = tl.dot(a, b, acc, input_precision="ieee")',
         'acc = tl.dot(a, b, acc, input_precision="tf32")',
     ),
@@ -280,7 +280,8 @@ def rejudge(folder: Path, root: Path | None = None) -> int:
     """Each stored run against the current baseline of its GPU and TP size (timing checks that
     the run measured twice are judged on the second measurement, as the gate did). ``root``:
     the baselines folder (default: the committed one)."""
-    from profiling.baselines import BASELINE_ROOT, compare, load_baseline
+    from profiling.baselines import BASELINE_ROOT, load_baseline
+    from profiling.gate import compare
 
     results = []
     for path in sorted(folder.glob("*/gate.json")):

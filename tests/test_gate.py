@@ -23,12 +23,12 @@ from profiling.baselines import (
     BaselineMismatch,
     BaselineMissing,
     ForeignBaseline,
-    compare,
     load_baseline,
     make_baseline,
     validate,
     write_baseline,
 )
+from profiling.gate import compare
 
 
 @pytest.fixture(scope="module")

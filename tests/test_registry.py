@@ -18,7 +18,8 @@ from engine.flags import FusionFlags
 from engine.program import Fusion, ProgramError, segments, span_instances
 from kernels.launch_checks import check_runnable_device
 from profiling import measure, report, throughput
-from profiling.baselines import compare, make_baseline
+from profiling.baselines import make_baseline
+from profiling.gate import compare
 from profiling.numerics import check_fusion
 
 # --------------------------------------------------------------------------------------------
