@@ -74,6 +74,16 @@ class BaselineMismatch(BaselineError):
     """The baseline was measured with another model, plan or set of fusions."""
 
 
+class NotYetBaselined(BaselineMismatch):
+    """Fusions are registered that the baseline does not know: nothing gates them until it is
+    recorded again (a fusion just added: docs/add-a-fusion.md)."""
+
+
+def not_yet_baselined(current_model: dict, baseline_model: dict) -> list[str]:
+    """The fusions of a run's model summary that the baseline's does not list."""
+    return sorted(set(current_model["fusions"]) - set(baseline_model["fusions"]))
+
+
 def baseline_dir(slug: str | None = None, root: str | Path = BASELINE_ROOT) -> Path:
     return Path(root) / (gpu_slug() if slug is None else slug)
 
@@ -405,13 +415,18 @@ def check_comparable(current: dict, baseline: dict) -> None:
                 f"model {field} differs from the baseline's ({cm[field]} vs {bm[field]}): "
                 f"measure the baseline's model, or re-record with --force"
             )
-    new = sorted(set(cm["fusions"]) - set(bm["fusions"]))
+    new = not_yet_baselined(cm, bm)
     gone = sorted(set(bm["fusions"]) - set(cm["fusions"]))
-    if new or gone:
+    if gone:
         raise BaselineMismatch(
             "the registered fusions differ from the baseline's ("
             + ", ".join([*(f"new: {n}" for n in new), *(f"gone: {g}" for g in gone)])
             + "): re-record the baseline with --force so that they are gated"
+        )
+    if new:
+        raise NotYetBaselined(
+            f"not yet baselined: {', '.join(new)} (registered, not in this baseline): record the "
+            f"baseline again with --force so that it is gated ({record_command(cm.get('tp', 1))})"
         )
     for field in ("prompt_len", "new_tokens", "batches", "kernel_rows", "launch_steps"):
         ours, theirs = current["plan"].get(field), baseline["plan"].get(field)

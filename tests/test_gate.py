@@ -11,6 +11,7 @@ GPU's stored baseline. The planted regressions run on the GPU through scripts/ga
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from profiling.baselines import (
     BaselineMismatch,
     BaselineMissing,
     ForeignBaseline,
+    NotYetBaselined,
     load_baseline,
     make_baseline,
     validate,
@@ -246,8 +248,13 @@ def test_another_model_or_plan_is_a_mismatch(model, baseline):
         compare(other_plan, baseline)
     new_fusion = synthetic_report(seed=22, model=model)
     new_fusion["model"]["fusions"]["toy"] = dict(new_fusion["model"]["fusions"]["add_rms_norm"])
-    with pytest.raises(BaselineMismatch, match="new: toy"):
+    with pytest.raises(NotYetBaselined, match="not yet baselined: toy .*--force"):
         compare(new_fusion, baseline)
+    gone = synthetic_report(seed=22, model=model)
+    del gone["model"]["fusions"]["add_rms_norm"]
+    with pytest.raises(BaselineMismatch, match="gone: add_rms_norm") as raised:
+        compare(gone, baseline)
+    assert not isinstance(raised.value, NotYetBaselined)
 
 
 def test_record_refuses_to_replace_another_model_unless_forced(model, tmp_path):
@@ -291,7 +298,9 @@ def test_the_committed_baseline_is_usable_and_gates_every_fusion():
     for path in files:
         data = json.loads(path.read_text())
         assert validate(data) == [], path
-        assert set(data["model"]["fusions"]) == {f.name for f in registry.all_fusions()}, path
+        registered = {f.name for f in registry.all_fusions()}
+        assert set(data["model"]["fusions"]) <= registered, f"{path}: gates a fusion gone"
+        _report_not_yet_baselined(path, data["model"], {"fusions": registered})
         for key, e in data["kernel_ratios"].items():
             assert 0 < e["tolerance"] <= baselines.KERNEL_RATIO_CAP, key
 
@@ -334,13 +343,28 @@ def test_the_committed_tp_baselines_describe_the_code_as_it_is():
             _assert_describes(path, stored, model_summary(model))
 
 
+def _report_not_yet_baselined(path, stored: dict, now: dict) -> None:
+    """A fusion added since the baseline was recorded is not a failure on CPU (the GPU gate
+    exits 3 for it until the baseline is recorded again): said as a warning."""
+    new = baselines.not_yet_baselined(now, stored)
+    if new:
+        warnings.warn(f"{path}: not yet baselined: {', '.join(new)}", stacklevel=2)
+
+
 def _assert_describes(path, stored: dict, now: dict) -> None:
-    assert now["default_fusions"] == stored["default_fusions"], (
-        f"{path}: default fusions {now['default_fusions']} in the code, "
+    """The baselined fusions as the code describes them (a fusion the baseline does not know
+    yet is reported, and left out of the defaults and alternatives compared)."""
+    _report_not_yet_baselined(path, stored, now)
+    known = set(stored["fusions"])
+    defaults = [f for f in now["default_fusions"] if f in known]
+    assert defaults == stored["default_fusions"], (
+        f"{path}: default fusions {defaults} in the code, "
         f"{stored['default_fusions']} in the baseline: re-record it or restore the default"
     )
-    assert set(now["fusions"]) == set(stored["fusions"]), path
-    for name, info in now["fusions"].items():
+    assert known <= set(now["fusions"]), f"{path}: the baseline gates a fusion gone from the code"
+    for name in known:
+        info = dict(now["fusions"][name])
+        info["alternatives"] = [a for a in info["alternatives"] if a in known]
         assert info == stored["fusions"][name], f"{path}: fusion {name} differs"
 
 

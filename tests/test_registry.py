@@ -23,7 +23,8 @@ from profiling.gate import compare
 from profiling.numerics import check_fusion
 
 # --------------------------------------------------------------------------------------------
-# The toy: one kernel, one declaration (what docs/add-a-fusion.md walks through)
+# The toy: one kernel, one declaration, registered here for each test (tests/test_add_a_fusion.py
+# follows docs/add-a-fusion.md step by step)
 # --------------------------------------------------------------------------------------------
 
 
