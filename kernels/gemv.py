@@ -32,12 +32,15 @@ import triton.language as tl
 from kernels import tuning
 from kernels.launch_checks import (
     cdiv,
+    check_32bit_indexing,
     check_runnable_device,
     check_same_dtype,
     check_tensor,
     next_pow2,
     overlaps,
+    rows_view,
 )
+from kernels.rms_norm import rms_norm
 from kernels.runtime import INTERPRETING, pdl_options, pdl_supported
 
 # Untuned shapes take the Triton GEMV path up to this many rows, cuBLAS above (the norm kernels'
@@ -346,3 +349,32 @@ def check_norm_gemv_inputs(x, norm_weight, weight, eps, out, *, weight_name: str
 def unit_last(t: torch.Tensor) -> torch.Tensor:
     """``t``, copied only if its last dim is strided (the unfused Triton launches need it)."""
     return t if t.dim() == 0 or t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
+
+
+def launch_norm_gemv(
+    kernel, x, norm_weight, weight, eps, out, n_out: int, select, unfused, *, weight_name: str
+) -> torch.Tensor:
+    """One call of a norm kernel on checked inputs (check_norm_gemv_inputs): ``n_out`` output
+    columns, the configuration from ``select(M, n_out, K, dtype)``. The ``gemv`` path launches
+    ``kernel`` (the @triton.jit function); the ``cublas`` path normalises with
+    kernels.rms_norm and calls ``unfused(normed, out_rows)`` for the rest."""
+    K = weight.shape[1]
+    if out is None:
+        out = torch.empty((*x.shape[:-1], n_out), dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return out
+    x2 = x.reshape(-1, K)  # a copy only when the leading dims cannot be flattened
+    o2 = rows_view("out", out, n_out)
+    M = x2.shape[0]
+    cfg = select(M, n_out, K, x.dtype)
+    if cfg.path == "cublas":
+        unfused(rms_norm(unit_last(x2), unit_last(norm_weight), eps), o2)
+        return out
+    check_32bit_indexing(x=x2, **{weight_name: weight}, out=o2)
+    plan = norm_gemv_plan(M, n_out, K, x.dtype, x.device, cfg)
+    kernel[plan.grid](
+        x2, norm_weight, weight, o2, M, n_out, K,
+        *x2.stride(), norm_weight.stride(0), *weight.stride(), *o2.stride(), eps,
+        **plan.constexprs, **plan.options,
+    )  # fmt: skip
+    return out

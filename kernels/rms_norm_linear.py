@@ -37,24 +37,8 @@ import triton
 import triton.language as tl
 
 from kernels import gemv
-from kernels.gemv import (
-    Config,
-    accumulate,
-    load_norm_weight,
-    load_weight_tile,
-    load_x,
-    normalise,
-    row_rstd,
-    unit_last,
-)
-from kernels.launch_checks import check_32bit_indexing, rows_view
-from kernels.rms_norm import rms_norm, rms_norm_reference
-
-KERNEL = "rms_norm_linear"
-# Weight rows per output column: the tuned table is keyed by the weight's [N, K].
-ROWS_PER_OUTPUT = 1
-# Kernels that issue global loads (the weights) before their PDL wait.
-READS_BEFORE_WAIT = ("_rms_norm_linear_kernel",)
+from kernels.gemv import accumulate, load_norm_weight, load_weight_tile, load_x, normalise, row_rstd
+from kernels.rms_norm import rms_norm_reference
 
 # --------------------------------------------------------------------------------------------
 # Triton kernel
@@ -63,29 +47,12 @@ READS_BEFORE_WAIT = ("_rms_norm_linear_kernel",)
 
 @triton.jit
 def _rms_norm_linear_kernel(
-    x_ptr,
-    nw_ptr,
-    w_ptr,
-    out_ptr,
-    M,
-    N,
-    K,
-    stride_xm,
-    stride_xk,
-    stride_nw,
-    stride_wn,
-    stride_wk,
-    stride_om,
-    stride_on,
-    eps,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    USE_DOT: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
-    IEEE_FP32: tl.constexpr,
+    x_ptr, nw_ptr, w_ptr, out_ptr, M, N, K,
+    stride_xm, stride_xk, stride_nw, stride_wn, stride_wk, stride_om, stride_on, eps,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    USE_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr, IEEE_FP32: tl.constexpr,
     USE_PDL: tl.constexpr,
-):
+):  # fmt: skip
     """Program (n, m) computes out[m-tile, n-tile] = RMSNorm(x[m-tile]) @ W[n-tile].T.
 
     With USE_PDL the next kernel may launch at once; this program issues its first weight
@@ -118,9 +85,18 @@ def _rms_norm_linear_kernel(
     )
 
 
+# Kernels that issue global loads (the weights) before their PDL wait.
+READS_BEFORE_WAIT = ("_rms_norm_linear_kernel",)
+
 # --------------------------------------------------------------------------------------------
 # Launch configurations
 # --------------------------------------------------------------------------------------------
+
+
+KERNEL = "rms_norm_linear"
+Config = gemv.Config  # its launch configuration (kernels/gemv.py)
+# Weight rows per output column: the tuned table is keyed by the weight's [N, K].
+ROWS_PER_OUTPUT = 1
 
 
 def heuristic_config(M: int, N: int, K: int, dtype: torch.dtype) -> Config:
@@ -134,9 +110,8 @@ def select_config(M: int, N: int, K: int, dtype: torch.dtype) -> Config:
     return gemv.select_config(KERNEL, Config, heuristic_config, M, N, K, dtype)
 
 
-def tuning_candidates(M: int, N: int, K: int) -> list[Config]:
-    """The tuner's search space at M rows (profiling/tune.py)."""
-    return gemv.norm_gemv_candidates(M, N, K)
+# The tuner's search space (profiling/tune.py).
+tuning_candidates = gemv.norm_gemv_candidates
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,27 +143,10 @@ def rms_norm_linear(
     N = gemv.check_norm_gemv_inputs(
         x, norm_weight, weight, eps, out, weight_name="weight", gated=False
     )
-    K = weight.shape[1]
-    if out is None:
-        out = torch.empty((*x.shape[:-1], N), dtype=x.dtype, device=x.device)
-    if out.numel() == 0:
-        return out
-    x2 = x.reshape(-1, K)  # a copy only when the leading dims cannot be flattened
-    o2 = rows_view("out", out, N)
-    M = x2.shape[0]
-    cfg = select_config(M, N, K, x.dtype)
-    if cfg.path == "cublas":
-        normed = rms_norm(unit_last(x2), unit_last(norm_weight), eps)
-        torch.mm(normed, weight.t(), out=o2)
-        return out
-    check_32bit_indexing(x=x2, weight=weight, out=o2)
-    plan = gemv.norm_gemv_plan(M, N, K, x.dtype, x.device, cfg)
-    _rms_norm_linear_kernel[plan.grid](
-        x2, norm_weight, weight, o2, M, N, K,
-        *x2.stride(), norm_weight.stride(0), *weight.stride(), *o2.stride(), eps,
-        **plan.constexprs, **plan.options,
+    return gemv.launch_norm_gemv(
+        _rms_norm_linear_kernel, x, norm_weight, weight, eps, out, N, select_config,
+        lambda normed, o2: torch.mm(normed, weight.t(), out=o2), weight_name="weight",
     )  # fmt: skip
-    return out
 
 
 # --------------------------------------------------------------------------------------------

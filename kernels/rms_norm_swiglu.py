@@ -32,26 +32,10 @@ import triton
 import triton.language as tl
 
 from kernels import gemv
-from kernels.gemv import (
-    Config,
-    accumulate,
-    load_norm_weight,
-    load_weight_tile,
-    load_x,
-    normalise,
-    row_rstd,
-    unit_last,
-)
-from kernels.launch_checks import check_32bit_indexing, rows_view
-from kernels.rms_norm import rms_norm, rms_norm_reference
+from kernels.gemv import accumulate, load_norm_weight, load_weight_tile, load_x, normalise, row_rstd
+from kernels.rms_norm import rms_norm_reference
 from kernels.rms_norm_linear import rms_norm_float64
 from kernels.silu_mul import silu_mul, silu_mul_reference
-
-KERNEL = "rms_norm_swiglu"
-# Weight rows per output column (a gate and an up row): the tuned table is keyed by I x K.
-ROWS_PER_OUTPUT = 2
-# Kernels that issue global loads (the weights) before their PDL wait.
-READS_BEFORE_WAIT = ("_rms_norm_swiglu_kernel",)
 
 # --------------------------------------------------------------------------------------------
 # Triton kernel
@@ -60,29 +44,12 @@ READS_BEFORE_WAIT = ("_rms_norm_swiglu_kernel",)
 
 @triton.jit
 def _rms_norm_swiglu_kernel(
-    x_ptr,
-    nw_ptr,
-    w_ptr,
-    out_ptr,
-    M,
-    I,
-    K,
-    stride_xm,
-    stride_xk,
-    stride_nw,
-    stride_wn,
-    stride_wk,
-    stride_om,
-    stride_on,
-    eps,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    USE_DOT: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
-    IEEE_FP32: tl.constexpr,
+    x_ptr, nw_ptr, w_ptr, out_ptr, M, I, K,
+    stride_xm, stride_xk, stride_nw, stride_wn, stride_wk, stride_om, stride_on, eps,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    USE_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr, IEEE_FP32: tl.constexpr,
     USE_PDL: tl.constexpr,
-):
+):  # fmt: skip
     """Program (n, m) computes out[m-tile, n-tile] = silu(g) * u, with g and u the norm of
     x[m-tile] times gate rows n-tile and up rows I + n-tile, both kept in float32.
 
@@ -127,9 +94,18 @@ def _rms_norm_swiglu_kernel(
     )
 
 
+# Kernels that issue global loads (the weights) before their PDL wait.
+READS_BEFORE_WAIT = ("_rms_norm_swiglu_kernel",)
+
 # --------------------------------------------------------------------------------------------
 # Launch configurations (Config: kernels/gemv.py's)
 # --------------------------------------------------------------------------------------------
+
+
+KERNEL = "rms_norm_swiglu"
+Config = gemv.Config  # its launch configuration (kernels/gemv.py)
+# Weight rows per output column (a gate and an up row): the tuned table is keyed by I x K.
+ROWS_PER_OUTPUT = 2
 
 
 def heuristic_config(M: int, I: int, K: int, dtype: torch.dtype) -> Config:
@@ -144,9 +120,8 @@ def select_config(M: int, I: int, K: int, dtype: torch.dtype) -> Config:
     return gemv.select_config(KERNEL, Config, heuristic_config, M, I, K, dtype)
 
 
-def tuning_candidates(M: int, I: int, K: int) -> list[Config]:
-    """The tuner's search space at M rows (profiling/tune.py)."""
-    return gemv.norm_gemv_candidates(M, I, K)
+# The tuner's search space (profiling/tune.py).
+tuning_candidates = gemv.norm_gemv_candidates
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,27 +155,11 @@ def rms_norm_swiglu(
     I = gemv.check_norm_gemv_inputs(
         x, norm_weight, weight, eps, out, weight_name="gate_up_weight", gated=True
     )
-    K = weight.shape[1]
-    if out is None:
-        out = torch.empty((*x.shape[:-1], I), dtype=x.dtype, device=x.device)
-    if out.numel() == 0:
-        return out
-    x2 = x.reshape(-1, K)  # a copy only when the leading dims cannot be flattened
-    o2 = rows_view("out", out, I)
-    M = x2.shape[0]
-    cfg = select_config(M, I, K, x.dtype)
-    if cfg.path == "cublas":
-        normed = rms_norm(unit_last(x2), unit_last(norm_weight), eps)
-        silu_mul(F.linear(normed, weight), out=o2)
-        return out
-    check_32bit_indexing(x=x2, gate_up_weight=weight, out=o2)
-    plan = gemv.norm_gemv_plan(M, I, K, x.dtype, x.device, cfg)
-    _rms_norm_swiglu_kernel[plan.grid](
-        x2, norm_weight, weight, o2, M, I, K,
-        *x2.stride(), norm_weight.stride(0), *weight.stride(), *o2.stride(), eps,
-        **plan.constexprs, **plan.options,
+    return gemv.launch_norm_gemv(
+        _rms_norm_swiglu_kernel, x, norm_weight, weight, eps, out, I, select_config,
+        lambda normed, o2: silu_mul(F.linear(normed, weight), out=o2),
+        weight_name="gate_up_weight",
     )  # fmt: skip
-    return out
 
 
 # --------------------------------------------------------------------------------------------
