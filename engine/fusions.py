@@ -23,12 +23,6 @@ from kernels.rms_norm import add_rms_norm
 from kernels.rms_norm_linear import rms_norm_linear
 from kernels.rms_norm_swiglu import rms_norm_swiglu
 
-
-def _addmm_residual(x, residual, weight):
-    """cuBLAS's GEMM with the residual in its epilogue: the best one-launch torch peer."""
-    return residual.addmm_(x, weight.T)
-
-
 _FUSIONS: dict[str, Fusion] = {}
 # Whether this process lists the fusions that need every rank (``Fusion.needs_ranks``): only
 # one that builds a tensor-parallel model does. A single-process model has no span for them,
@@ -90,23 +84,39 @@ def get(name: str) -> Fusion:
     return listed[name]
 
 
-register(
-    Fusion(
-        "o_proj_residual",
-        spans=(("o_proj", "attn_residual_add"),),
-        fused=lambda attn, residual, o_proj_weight: linear_residual(
-            attn, residual, o_proj_weight, out=residual
-        ),
-        outputs=("residual",),
-        kernel="linear_residual",
-        kernel_names=("_gemv_residual_kernel",),
-        peers={
-            "addmm_": lambda attn, residual, o_proj_weight: _addmm_residual(
-                attn, residual, o_proj_weight
-            )
-        },
-        doc="attention output projection + attention residual add (in place)",
+def _addmm_peer(x: str, weight: str):
+    """cuBLAS's GEMM with the residual in its epilogue, the best one-launch torch peer of a
+    projection + residual add: the span's inputs ``x`` and ``weight`` by role name."""
+    return lambda residual, **inputs: residual.addmm_(inputs[x], inputs[weight].T)
+
+
+def _register_linear_residual(name: str, span, fused, *, x: str, weight: str, doc: str, **more):
+    """A projection and the residual add after it, in place, in one kernels/linear_residual.py
+    launch."""
+    register(
+        Fusion(
+            name,
+            spans=(span,),
+            fused=fused,
+            outputs=("residual",),
+            kernel="linear_residual",
+            kernel_names=("_gemv_residual_kernel",),
+            peers={"addmm_": _addmm_peer(x, weight)},
+            doc=doc,
+            **more,
+        )
     )
+
+
+_register_linear_residual(
+    "o_proj_residual",
+    ("o_proj", "attn_residual_add"),
+    fused=lambda attn, residual, o_proj_weight: linear_residual(
+        attn, residual, o_proj_weight, out=residual
+    ),
+    x="attn",
+    weight="o_proj_weight",
+    doc="attention output projection + attention residual add (in place)",
 )
 register(
     Fusion(
@@ -148,23 +158,15 @@ register(
         doc="post-attention RMSNorm + gate/up projection + SiLU(gate) * up",
     )
 )
-register(
-    Fusion(
-        "down_proj_residual",
-        spans=(("down_proj", "residual_add"),),
-        fused=lambda act, residual, down_proj_weight: linear_residual(
-            act, residual, down_proj_weight, out=residual
-        ),
-        outputs=("residual",),
-        kernel="linear_residual",
-        kernel_names=("_gemv_residual_kernel",),
-        peers={
-            "addmm_": lambda act, residual, down_proj_weight: _addmm_residual(
-                act, residual, down_proj_weight
-            )
-        },
-        doc="MLP down projection + MLP residual add (in place)",
-    )
+_register_linear_residual(
+    "down_proj_residual",
+    ("down_proj", "residual_add"),
+    fused=lambda act, residual, down_proj_weight: linear_residual(
+        act, residual, down_proj_weight, out=residual
+    ),
+    x="act",
+    weight="down_proj_weight",
+    doc="MLP down projection + MLP residual add (in place)",
 )
 
 

@@ -83,20 +83,20 @@ def _sub(path: str, old: str, new: str):
 
 O_PROJ = (
     "fused=lambda attn, residual, o_proj_weight: linear_residual(\n"
-    "            attn, residual, o_proj_weight, out=residual\n"
-    "        ),"
+    "        attn, residual, o_proj_weight, out=residual\n"
+    "    ),"
 )
 PLANTS = {
     "flag_off": _sub(
         "engine/fusions.py",
         'doc="attention output projection + attention residual add (in place)",',
         'doc="attention output projection + attention residual add (in place)",\n'
-        "        default=False,",
+        "    default=False,",
     ),
     "extra_kernel": _sub(
         "engine/fusions.py",
         O_PROJ,
-        O_PROJ.replace("out=residual\n        ),", "out=residual\n        ).add_(0),"),
+        O_PROJ.replace("out=residual\n    ),", "out=residual\n    ).add_(0),"),
     ),
     "slow_5pct": _fma_plant(100),
     "gain_halved": _fma_plant(1000),
