@@ -28,11 +28,10 @@ not_applicable`` lists them, the CLI prints them), and asking for one explicitly
 naming it (NotApplicable, a ValueError). The other fusions run on the local shards.
 
 ``all_reduce_residual`` (the all-reduce and the residual add in one kernel, symmetric memory:
-kernels/all_reduce_residual.py) is a TP-only registry entry: it is registered when a model is
-built with world size > 1 (``register_tp_fusions``), never in a single process. The committed
-baselines list exactly the registered fusions and the gate refuses a baseline whose fusions
-differ; registered always, it would be a fusion no single-process model has, breaking the
-baseline and every registry-driven stage. It is a TP default; where its kernel cannot run
+kernels/all_reduce_residual.py) is declared in engine/fusions.py with ``needs_ranks``: the
+registry lists it only in a process that builds a model with world size > 1
+(``build_sharded``), never in a single process, whose baselines list exactly the
+fusions listed there. It is a TP default; where its kernel cannot run
 (CPU, gloo, no symmetric memory or P2P) the default leaves it out, and a request for it runs
 its ops unfused; either way the engine warns once, saying why.
 
@@ -56,9 +55,8 @@ from engine import fusions as registry
 from engine.config import Qwen3Config
 from engine.flags import FusionFlags
 from engine.loader import load_checkpoint, random_init
-from engine.program import ACT, PARAM, BoundOp, Fusion, Op, Role, segments
+from engine.program import ACT, PARAM, BoundOp, Op, Role, segments
 from engine.qwen3 import Qwen3ForCausalLM, on_meta
-from kernels import all_reduce_residual as ar
 
 NO_MULTICAST = {
     "NCCL_NVLS_ENABLE": "0",
@@ -275,42 +273,18 @@ ALL_REDUCES = {
 }
 
 
-def _fused_all_reduce_residual(residual, group, **partial):
-    (x,) = partial.values()  # o (attention span) or mlp_out (MLP span)
-    return ar.all_reduce_residual(x, residual, group, out=residual)
+# The fusions that need every rank (engine/fusions.py: ``needs_ranks``).
+TP_FUSIONS = tuple(registry.rank_fusions())
 
 
-ALL_REDUCE_RESIDUAL = Fusion(
-    "all_reduce_residual",
-    spans=(("o_proj_all_reduce", "attn_residual_add"), ("down_proj_all_reduce", "residual_add")),
-    fused=_fused_all_reduce_residual,
-    outputs=("residual",),
-    kernel="all_reduce_residual",
-    kernel_names=("_one_shot_all_reduce_residual_kernel",),
-    # On by default under TP: on two H100s its kernel takes 4.2-4.8 µs against 7.7-8.7 µs for
-    # NCCL's all-reduce + the add at decode sizes (docs/notes.md).
-    default=True,
-    doc="tensor parallel: all-reduce of a row-parallel projection's partial sums + the "
-    "residual add (in place), one-shot over symmetric memory",
-)
-TP_FUSIONS = (ALL_REDUCE_RESIDUAL,)
-
-
-def register_tp_fusions() -> None:
-    """Register the TP-only fusions (once per process; a model with world size > 1 does it)."""
-    names = {f.name for f in registry.all_fusions()}
-    for fusion in TP_FUSIONS:
-        if fusion.name not in names:
-            registry.register(fusion)
-
-
-def _all_reduce_residual_unavailable(model) -> str | None:
-    return ar.unavailable_reason(model.device, model.parallel.group)
-
-
-# Fusion name -> why its kernel cannot run for this model (None: it can). Checked when a flag
-# setting is first cut into segments (a collective on CUDA: every rank does it then).
-UNAVAILABLE = {ALL_REDUCE_RESIDUAL.name: _all_reduce_residual_unavailable}
+def unavailable_reasons(model) -> dict[str, str | None]:
+    """TP fusion name -> why its kernel cannot run for this model (None: it can). Checked when
+    a flag setting is first cut into segments (a collective on CUDA: every rank does it
+    then)."""
+    return {
+        f.name: f.kernel_module().unavailable_reason(model.device, model.parallel.group)
+        for f in TP_FUSIONS
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -382,7 +356,7 @@ class ShardedQwen3ForCausalLM(Qwen3ForCausalLM):
         check is a collective (every rank makes it together: engine.build and segments do)."""
         if self.device.type == "meta":
             return {}
-        reasons = {name: check(self) for name, check in UNAVAILABLE.items()}
+        reasons = unavailable_reasons(self)
         return {name: why for name, why in reasons.items() if why is not None}
 
     def warn_unavailable(self, name: str, reason: str) -> None:
@@ -444,10 +418,10 @@ def build_sharded(
     """engine.build for one rank of ``parallel`` (world size > 1). flags: None or "default":
     the default fusions that apply under TP; anything else is checked (NotApplicable)."""
     parallel.check(config)
-    register_tp_fusions()
+    registry.list_rank_fusions()  # once per process: this one now has the TP-only fusions
     with on_meta(dtype):
         model = ShardedQwen3ForCausalLM(config, parallel)
-    flags = FusionFlags.from_arg(flags)  # after register_tp_fusions: names TP-only ones too
+    flags = FusionFlags.from_arg(flags)  # after list_rank_fusions: names TP-only ones too
     if flags is not None:
         model.flags = flags
     model.allocate(device)

@@ -22,8 +22,10 @@ Everything the suite needs about a fusion is derived from its span: its float64 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import operator
 from collections.abc import Callable, Iterable, Sequence
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -100,7 +102,12 @@ class Fusion:
     (kernels/<kernel>.py; tuned tables kernels/configs/<kernel>/), ``kernel_names`` the GPU
     kernels it may launch (the Nsight Compute check). ``peers``: other one-launch
     implementations of the same span (same signature as ``fused``), timed beside it.
-    ``default``: on in the engine's default flags.
+    ``default``: on in the engine's default flags. ``needs_ranks``: its spans exist only in
+    a tensor-parallel rank's program and its kernel is a collective (every rank calls it
+    together): the registry lists it only in a process that builds a sharded model
+    (engine/fusions.py), and the suite measures it on every rank through its kernel module's
+    ``unavailable_reason(device, group)``, launcher ``<kernel>(x, residual, group)`` (x: this
+    rank's partial), ``reference`` (the unfused ops) and ``gathered_float64_reference``.
     """
 
     name: str
@@ -113,10 +120,17 @@ class Fusion:
     fused_kernels: int = 1
     default: bool = True
     peers: dict[str, Callable[..., Any]] = dataclasses.field(default_factory=dict)
+    needs_ranks: bool = False
 
     @property
     def ops(self) -> frozenset[str]:
         return frozenset(name for span in self.spans for name in span)
+
+    def kernel_module(self) -> ModuleType:
+        """kernels/<kernel>.py, imported: what it exports (a GEMV kernel's ``select_config``,
+        ``tuning_candidates``, ``ROWS_PER_OUTPUT``: kernels/gemv.py) is how the suite asks
+        about the kernel without naming it."""
+        return importlib.import_module(f"kernels.{self.kernel}")
 
     def conflicts_with(self, other: Fusion) -> bool:
         """Alternatives: the two replace a common op, so they can never both be on."""

@@ -24,6 +24,11 @@ from kernels.launch_checks import check_runnable_device, check_same_dtype, check
 from kernels.runtime import INTERPRETING, pdl_options, pdl_supported
 
 LOG2E = 1.4426950408889634
+# Kernels that issue global loads before their PDL wait (checked on the compiled PTX).
+READS_BEFORE_WAIT = ("_decode_attention_kernel",)
+# Kernels that let the next one launch only after their wait (measured: the next kernel's
+# weight stream slowed their loads).
+TRIGGER_AFTER_WAIT = ("_decode_attention_kernel",)
 
 # --------------------------------------------------------------------------------------------
 # Triton kernel

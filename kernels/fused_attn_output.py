@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.linear_residual import _linear_residual
+from kernels.linear_residual import linear_residual_named
 
 
 def fused_attn_output_residual(
@@ -29,4 +29,4 @@ def fused_attn_output_residual(
     (in place). Errors name these arguments.
     """
     names = ("attn_output", "residual", "o_proj_weight")
-    return _linear_residual(attn_output, residual, o_proj_weight, residual_weight, out, names)
+    return linear_residual_named(attn_output, residual, o_proj_weight, residual_weight, out, names)

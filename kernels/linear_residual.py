@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import itertools
 import math
 import numbers
 
@@ -37,9 +38,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels import tuning
+from kernels import gemv, tuning
+from kernels.gemv import load_weight_tile, mma
 from kernels.launch_checks import cdiv, check_32bit_indexing, next_pow2, overlaps
-from kernels.runtime import INTERPRETING, pdl_options, pdl_supported
+from kernels.runtime import INTERPRETING
 
 KERNEL = "linear_residual"
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -48,6 +50,10 @@ SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # faster than the GEMV's tl.dot tiles: on the H200 at M=8, 13.9 vs 16.8 µs at 4096 x 4096).
 GEMV_MAX_M = 16
 CUBLAS_MIN_WEIGHT = 1 << 23
+# Weight rows per output column: the tuned table is keyed by the weight's [N, K].
+ROWS_PER_OUTPUT = 1
+# Kernels that issue global loads (the weights) before their PDL wait.
+READS_BEFORE_WAIT = ("_gemv_residual_kernel",)
 
 # --------------------------------------------------------------------------------------------
 # Triton kernel
@@ -73,41 +79,6 @@ def _store_out(acc, r, rw, out_ptr, offs_m, offs_n, M, N, stride_om, stride_on):
 
 
 @triton.jit
-def _mma(acc, a, b, UPCAST_DOT: tl.constexpr, IEEE_FP32: tl.constexpr):
-    """acc + a @ b on the tensor cores; fp32 exact (ieee), bf16 upcast under the interpreter."""
-    # One return at the end: Triton 3.6 does not end a function at a return inside a
-    # constexpr branch.
-    if UPCAST_DOT:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    if IEEE_FP32:  # noqa: SIM108  (constexpr branch: only one dot is compiled)
-        acc = tl.dot(a, b, acc, input_precision="ieee")
-    else:
-        acc = tl.dot(a, b, acc)
-    return acc
-
-
-@triton.jit
-def _load_weight_tile(w_ptr, offs_n, offs_k, N, k_end, stride_wn, stride_wk, USE_DOT: tl.constexpr):
-    """W[offs_n, offs_k]: as [BLOCK_K, BLOCK_N] (transposed) for tl.dot, else [BLOCK_N, BLOCK_K]."""
-    mask_n = offs_n < N
-    mask_k = offs_k < k_end
-    if USE_DOT:
-        w = tl.load(
-            w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-            mask=mask_k[:, None] & mask_n[None, :],
-            other=0.0,
-        )
-    else:
-        w = tl.load(
-            w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
-            mask=mask_n[:, None] & mask_k[None, :],
-            other=0.0,
-        )
-    return w
-
-
-@triton.jit
 def _gemv_tile(
     acc, w, x_ptr, offs_m, offs_k, M, k_end, stride_xm, stride_xk,
     USE_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr, IEEE_FP32: tl.constexpr,
@@ -119,7 +90,7 @@ def _gemv_tile(
         other=0.0,
     )
     if USE_DOT:
-        acc = _mma(acc, x, w, UPCAST_DOT, IEEE_FP32)
+        acc = mma(acc, x, w, UPCAST_DOT, IEEE_FP32)
     else:
         acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
     return acc
@@ -180,7 +151,7 @@ def _gemv_residual_kernel(
     k_begin = pid_k * k_per_split
     k_end = tl.minimum(k_begin + k_per_split, K)
     offs_k = k_begin + tl.arange(0, BLOCK_K)
-    w = _load_weight_tile(w_ptr, offs_n, offs_k, N, k_end, stride_wn, stride_wk, USE_DOT)
+    w = load_weight_tile(w_ptr, offs_n, offs_k, N, k_end, stride_wn, stride_wk, USE_DOT)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
     # The residual is loaded together with the activations, not after the reduction: one
@@ -193,7 +164,7 @@ def _gemv_residual_kernel(
     )  # fmt: skip
     for k0 in range(k_begin + BLOCK_K, k_end, BLOCK_K):  # none when one tile covers the slice
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        w = _load_weight_tile(w_ptr, offs_n, offs_k, N, k_end, stride_wn, stride_wk, USE_DOT)
+        w = load_weight_tile(w_ptr, offs_n, offs_k, N, k_end, stride_wn, stride_wk, USE_DOT)
         acc = _gemv_tile(
             acc, w, x_ptr, offs_m, offs_k, M, k_end, stride_xm, stride_xk,
             USE_DOT, UPCAST_DOT, IEEE_FP32,
@@ -227,43 +198,16 @@ def _gemv_residual_kernel(
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
-    """One launch configuration.
+class Config(gemv.Config):
+    """One launch configuration (kernels/gemv.py), and ``split_k``: K slices of the ``gemv``
+    path, reduced by the last-arriving program."""
 
-    ``path`` "gemv": the Triton kernel; ``split_k`` K slices reduced by the last-arriving
-    program, ``dot`` picks tl.dot (blocks >= 16) over a float32 multiply-reduce, ``pdl``
-    programmatic dependent launch (Hopper). ``path`` "cublas": torch.addmm (the block fields
-    are unused).
-    """
-
-    path: str = "gemv"
-    BLOCK_M: int = 1
-    BLOCK_N: int = 1
-    BLOCK_K: int = 1
-    num_warps: int = 4
-    num_stages: int = 1
-    pdl: bool = False
     split_k: int = 1
-    dot: bool = False
 
     def __post_init__(self):
-        if self.path not in ("gemv", "cublas"):
-            raise ValueError(f"Config.path must be 'gemv' or 'cublas', got {self.path!r}")
-        for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps"):
-            value = getattr(self, name)
-            if value < 1 or value & (value - 1):
-                raise ValueError(f"Config.{name} must be a power of two, got {value}")
-        if self.split_k < 1:
-            raise ValueError(f"Config.split_k must be >= 1, got {self.split_k}")
-        if self.dot and min(self.BLOCK_M, self.BLOCK_N, self.BLOCK_K) < 16:
-            raise ValueError("Config: tl.dot needs BLOCK_M, BLOCK_N and BLOCK_K >= 16")
-
-    def to_json(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict) -> Config:
-        return cls(**data)
+        super().__post_init__()
+        if not isinstance(self.split_k, int) or self.split_k < 1:
+            raise ValueError(f"Config.split_k must be >= 1, got {self.split_k!r}")
 
 
 def heuristic_config(M: int, N: int, K: int, dtype: torch.dtype) -> Config:
@@ -305,11 +249,28 @@ def heuristic_config(M: int, N: int, K: int, dtype: torch.dtype) -> Config:
 def select_config(M: int, N: int, K: int, dtype: torch.dtype) -> Config:
     """The configuration a call uses: a forced one (tuning.use_config), else this GPU's
     tuned table, else the heuristic."""
-    forced = tuning.override(KERNEL)
-    if forced is not None:
-        return forced
-    fields = tuning.tuned(KERNEL, N, K, dtype, M)
-    return Config.from_json(fields) if fields else heuristic_config(M, N, K, dtype)
+    return gemv.select_config(KERNEL, Config, heuristic_config, M, N, K, dtype)
+
+
+def tuning_candidates(M: int, N: int, K: int) -> list[Config]:
+    """The tuner's search space at M rows (profiling/tune.py)."""
+    out = [Config("cublas")] if M > 4 else []
+    # K slices of 512-4096 columns, as many as cover K: K = 3072 splits 3 x 1024 or 6 x 512,
+    # not 4 x 1024 with the last slice empty (or 2 x 2048 with a quarter of each tile masked).
+    for slice_k in sorted({min(next_pow2(K), s) for s in (512, 1024, 2048, 4096)}):
+        split = triton.cdiv(K, slice_k)
+        if M <= 4:
+            for bn, warps in itertools.product((1, 2, 4, 8), (4, 8)):
+                if M * bn * slice_k <= 16384 and 128 <= triton.cdiv(N, bn) * split <= 8192:
+                    out.append(Config("gemv", M, bn, slice_k, warps, pdl=True, split_k=split))
+        if M >= 2 and slice_k >= 64:
+            for bn, warps in itertools.product((16, 32, 64), (4, 8)):
+                programs = triton.cdiv(N, bn) * split * triton.cdiv(M, 16)
+                if 64 <= programs <= 2048 and bn * slice_k <= 32768 and 16 * slice_k <= 32768:
+                    out.append(
+                        Config("gemv", 16, bn, slice_k, warps, pdl=True, split_k=split, dot=True)
+                    )
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -325,21 +286,11 @@ class _Plan:
 
 @functools.lru_cache(maxsize=1024)
 def _plan(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device, cfg: Config) -> _Plan:
-    use_pdl = cfg.pdl and pdl_supported(device)
     n_tiles, m_tiles = cdiv(N, cfg.BLOCK_N), cdiv(M, cfg.BLOCK_M)
     k_per_split = cdiv(cdiv(K, cfg.split_k), cfg.BLOCK_K) * cfg.BLOCK_K
     split_k = cdiv(K, k_per_split)  # no empty slices
-    constexprs = {
-        "BLOCK_M": cfg.BLOCK_M,
-        "BLOCK_N": cfg.BLOCK_N,
-        "BLOCK_K": cfg.BLOCK_K,
-        "SPLIT_K": split_k,
-        "USE_DOT": cfg.dot,
-        "UPCAST_DOT": INTERPRETING and dtype != torch.float32,
-        "IEEE_FP32": dtype == torch.float32,
-        "USE_PDL": use_pdl,
-    }
-    options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, **pdl_options(use_pdl)}
+    constexprs, options = gemv.launch_options(cfg, dtype, device)
+    constexprs["SPLIT_K"] = split_k
     partials = (n_tiles * m_tiles, split_k * cfg.BLOCK_M * cfg.BLOCK_N)
     return _Plan((n_tiles, split_k, m_tiles), k_per_split, constexprs, options, partials)
 
@@ -495,10 +446,14 @@ def linear_residual(
     that kernel (``x`` and ``residual`` only after). So the weight must not be written by the
     kernel launched just before this call, as inference weights are not.
     """
-    return _linear_residual(x, residual, weight, residual_weight, out, ("x", "residual", "weight"))
+    return linear_residual_named(
+        x, residual, weight, residual_weight, out, ("x", "residual", "weight")
+    )
 
 
-def _linear_residual(x, residual, weight, residual_weight, out, names) -> torch.Tensor:
+def linear_residual_named(x, residual, weight, residual_weight, out, names) -> torch.Tensor:
+    """``linear_residual`` whose errors call x, residual and weight by ``names`` (the
+    caller's argument names: kernels/fused_attn_output.py)."""
     _check_inputs(x, residual, weight, residual_weight, out, names)
     N, K = weight.shape
     if out is None:

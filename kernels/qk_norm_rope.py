@@ -29,6 +29,9 @@ from kernels.launch_checks import (
 )
 from kernels.runtime import INTERPRETING, pdl_options, pdl_supported
 
+# Kernels that issue global loads before their PDL wait (checked on the compiled PTX).
+READS_BEFORE_WAIT = ("_qk_norm_rope_kernel",)
+
 # --------------------------------------------------------------------------------------------
 # Triton kernel
 # --------------------------------------------------------------------------------------------

@@ -10,8 +10,8 @@ down projection follows in kernels/linear_residual.py. At decode it saves two la
 norm and silu_mul) and the [M, 2I] intermediate; the weight is read once either way.
 
 Two paths, chosen per call by the launch configuration (tuned table for this GPU, else a
-heuristic on M, the number of rows), as in kernels/rms_norm_linear.py, whose Triton helpers,
-configuration class and checks this file shares:
+heuristic on M, the number of rows), as in kernels/rms_norm_linear.py, with which this file
+shares its Triton helpers, configuration class and checks (kernels/gemv.py):
 
 - ``gemv`` (decode, small M): the Triton kernel below. Program j of the N axis owns output
   columns j-tile and computes both the gate rows j and the up rows I + j of that tile, so the
@@ -31,26 +31,11 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels import tuning
-from kernels.launch_checks import check_32bit_indexing, rows_view
-from kernels.linear_residual import _load_weight_tile
-from kernels.rms_norm import rms_norm, rms_norm_reference
-from kernels.rms_norm_linear import (
-    Config,
-    _accumulate,
-    _check_inputs,
-    _heuristic,
-    _load_norm_weight,
-    _load_x,
-    _normalise,
-    _plan,
-    _row_rstd,
-    _unit_last,
-    rms_norm_float64,
-)
+from kernels import gemv
+from kernels.gemv import accumulate, load_norm_weight, load_weight_tile, load_x, normalise, row_rstd
+from kernels.rms_norm import rms_norm_reference
+from kernels.rms_norm_linear import rms_norm_float64
 from kernels.silu_mul import silu_mul, silu_mul_reference
-
-KERNEL = "rms_norm_swiglu"
 
 # --------------------------------------------------------------------------------------------
 # Triton kernel
@@ -59,29 +44,12 @@ KERNEL = "rms_norm_swiglu"
 
 @triton.jit
 def _rms_norm_swiglu_kernel(
-    x_ptr,
-    nw_ptr,
-    w_ptr,
-    out_ptr,
-    M,
-    I,
-    K,
-    stride_xm,
-    stride_xk,
-    stride_nw,
-    stride_wn,
-    stride_wk,
-    stride_om,
-    stride_on,
-    eps,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    USE_DOT: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
-    IEEE_FP32: tl.constexpr,
+    x_ptr, nw_ptr, w_ptr, out_ptr, M, I, K,
+    stride_xm, stride_xk, stride_nw, stride_wn, stride_wk, stride_om, stride_on, eps,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    USE_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr, IEEE_FP32: tl.constexpr,
     USE_PDL: tl.constexpr,
-):
+):  # fmt: skip
     """Program (n, m) computes out[m-tile, n-tile] = silu(g) * u, with g and u the norm of
     x[m-tile] times gate rows n-tile and up rows I + n-tile, both kept in float32.
 
@@ -95,29 +63,29 @@ def _rms_norm_swiglu_kernel(
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_K)
     up_ptr = w_ptr + I * stride_wn
-    wg = _load_weight_tile(w_ptr, offs_n, offs_k, I, K, stride_wn, stride_wk, USE_DOT)
-    wu = _load_weight_tile(up_ptr, offs_n, offs_k, I, K, stride_wn, stride_wk, USE_DOT)
-    nw = _load_norm_weight(nw_ptr, offs_k, K, stride_nw)
+    wg = load_weight_tile(w_ptr, offs_n, offs_k, I, K, stride_wn, stride_wk, USE_DOT)
+    wu = load_weight_tile(up_ptr, offs_n, offs_k, I, K, stride_wn, stride_wk, USE_DOT)
+    nw = load_norm_weight(nw_ptr, offs_k, K, stride_nw)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
-    x = _load_x(x_ptr, offs_m, offs_k, M, K, stride_xm, stride_xk)
-    rstd = _row_rstd(x, x_ptr, offs_m, M, K, stride_xm, stride_xk, eps, BLOCK_K)
-    a = _normalise(x, rstd, nw)
-    gate = _accumulate(
+    x = load_x(x_ptr, offs_m, offs_k, M, K, stride_xm, stride_xk)
+    rstd = row_rstd(x, x_ptr, offs_m, M, K, stride_xm, stride_xk, eps, BLOCK_K)
+    a = normalise(x, rstd, nw)
+    gate = accumulate(
         tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), a, wg, USE_DOT, UPCAST_DOT, IEEE_FP32
     )
-    up = _accumulate(
+    up = accumulate(
         tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), a, wu, USE_DOT, UPCAST_DOT, IEEE_FP32
     )
     for k0 in range(BLOCK_K, K, BLOCK_K):  # none when one tile covers K
         offs_kk = k0 + tl.arange(0, BLOCK_K)
-        wgk = _load_weight_tile(w_ptr, offs_n, offs_kk, I, K, stride_wn, stride_wk, USE_DOT)
-        wuk = _load_weight_tile(up_ptr, offs_n, offs_kk, I, K, stride_wn, stride_wk, USE_DOT)
-        nwk = _load_norm_weight(nw_ptr, offs_kk, K, stride_nw)
-        xk = _load_x(x_ptr, offs_m, offs_kk, M, K, stride_xm, stride_xk)
-        ak = _normalise(xk, rstd, nwk)
-        gate = _accumulate(gate, ak, wgk, USE_DOT, UPCAST_DOT, IEEE_FP32)
-        up = _accumulate(up, ak, wuk, USE_DOT, UPCAST_DOT, IEEE_FP32)
+        wgk = load_weight_tile(w_ptr, offs_n, offs_kk, I, K, stride_wn, stride_wk, USE_DOT)
+        wuk = load_weight_tile(up_ptr, offs_n, offs_kk, I, K, stride_wn, stride_wk, USE_DOT)
+        nwk = load_norm_weight(nw_ptr, offs_kk, K, stride_nw)
+        xk = load_x(x_ptr, offs_m, offs_kk, M, K, stride_xm, stride_xk)
+        ak = normalise(xk, rstd, nwk)
+        gate = accumulate(gate, ak, wgk, USE_DOT, UPCAST_DOT, IEEE_FP32)
+        up = accumulate(up, ak, wuk, USE_DOT, UPCAST_DOT, IEEE_FP32)
     out = gate / (1.0 + tl.exp(-gate)) * up
     tl.store(
         out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
@@ -126,25 +94,34 @@ def _rms_norm_swiglu_kernel(
     )
 
 
+# Kernels that issue global loads (the weights) before their PDL wait.
+READS_BEFORE_WAIT = ("_rms_norm_swiglu_kernel",)
+
 # --------------------------------------------------------------------------------------------
-# Launch configurations (Config: kernels/rms_norm_linear.py's)
+# Launch configurations (Config: kernels/gemv.py's)
 # --------------------------------------------------------------------------------------------
+
+
+KERNEL = "rms_norm_swiglu"
+Config = gemv.Config  # its launch configuration (kernels/gemv.py)
+# Weight rows per output column (a gate and an up row): the tuned table is keyed by I x K.
+ROWS_PER_OUTPUT = 2
 
 
 def heuristic_config(M: int, I: int, K: int, dtype: torch.dtype) -> Config:
     """A sound configuration for any shape when no tuned one applies; ``I`` output columns
     (each program holds a gate and an up tile)."""
-    return _heuristic(M, I, K, dtype, tiles=2)
+    return gemv.norm_gemv_heuristic(M, I, K, dtype, tiles=2)
 
 
 def select_config(M: int, I: int, K: int, dtype: torch.dtype) -> Config:
     """The configuration a call uses: a forced one (tuning.use_config), else this GPU's
     tuned table (keyed by I x K, I the output width), else the heuristic."""
-    forced = tuning.override(KERNEL)
-    if forced is not None:
-        return forced
-    fields = tuning.tuned(KERNEL, I, K, dtype, M)
-    return Config.from_json(fields) if fields else heuristic_config(M, I, K, dtype)
+    return gemv.select_config(KERNEL, Config, heuristic_config, M, I, K, dtype)
+
+
+# The tuner's search space (profiling/tune.py).
+tuning_candidates = gemv.norm_gemv_candidates
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,28 +152,14 @@ def rms_norm_swiglu(
     written by that kernel, as inference weights are not.
     """
     weight = gate_up_weight
-    I = _check_inputs(x, norm_weight, weight, eps, out, weight_name="gate_up_weight", gated=True)
-    K = weight.shape[1]
-    if out is None:
-        out = torch.empty((*x.shape[:-1], I), dtype=x.dtype, device=x.device)
-    if out.numel() == 0:
-        return out
-    x2 = x.reshape(-1, K)  # a copy only when the leading dims cannot be flattened
-    o2 = rows_view("out", out, I)
-    M = x2.shape[0]
-    cfg = select_config(M, I, K, x.dtype)
-    if cfg.path == "cublas":
-        normed = rms_norm(_unit_last(x2), _unit_last(norm_weight), eps)
-        silu_mul(F.linear(normed, weight), out=o2)
-        return out
-    check_32bit_indexing(x=x2, gate_up_weight=weight, out=o2)
-    plan = _plan(M, I, K, x.dtype, x.device, cfg)
-    _rms_norm_swiglu_kernel[plan.grid](
-        x2, norm_weight, weight, o2, M, I, K,
-        *x2.stride(), norm_weight.stride(0), *weight.stride(), *o2.stride(), eps,
-        **plan.constexprs, **plan.options,
+    I = gemv.check_norm_gemv_inputs(
+        x, norm_weight, weight, eps, out, weight_name="gate_up_weight", gated=True
+    )
+    return gemv.launch_norm_gemv(
+        _rms_norm_swiglu_kernel, x, norm_weight, weight, eps, out, I, select_config,
+        lambda normed, o2: silu_mul(F.linear(normed, weight), out=o2),
+        weight_name="gate_up_weight",
     )  # fmt: skip
-    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ import torch.distributed as dist
 
 from engine import parallel as tp
 from engine.config import QWEN3_SIZES
-from profiling import baselines, breakdown, measure, report
+from profiling import baselines, breakdown, gate, measure, report
 from profiling.baselines import BaselineError
 from profiling.launches import TraceError
 from profiling.ranks import Ranks
@@ -205,15 +205,7 @@ def cmd_report(args) -> int:
     plan = plan_from(args)
     seed = _seed(args)
     current = measure.report_header(model, plan)
-    current["numerics"] = [
-        r.to_json() for r in measure.measure_numerics(model, plan, seed, RANKS.share)
-    ]
-    if HAS_GPU:
-        current["launches"] = measure.measure_launches(model, plan)
-        current["kernel_ratios"] = measure.measure_kernel_ratios(model, plan)
-        current["e2e"] = measure.measure_e2e(model, plan)
-    else:
-        current["launches_note"] = "not counted: the profiler sees no kernels without a GPU"
+    gate.run_stages(model, plan, current, seed=seed, log=lambda line: None, ranks=RANKS)
     current["eager"] = measure.measure_eager(model, plan)
     current["breakdown"] = _breakdown(model, current, plan)
     if RANKS.sharded:
@@ -224,7 +216,7 @@ def cmd_report(args) -> int:
     status, verdict = EXIT_OK, None
     if baseline is not None:
         try:
-            verdict = baselines.compare(current, baseline)
+            verdict = gate.compare(current, baseline)
             current["gate"] = verdict.to_json()
             status = EXIT_OK if verdict.ok else EXIT_FAIL
         except BaselineError as exc:

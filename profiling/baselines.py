@@ -1,4 +1,4 @@
-"""perf_baselines/<gpu-slug>/: the gate's baseline, its limits, and the comparison.
+"""perf_baselines/<gpu-slug>/: the store of the gate's baselines and their limits.
 
 One folder per GPU model (``kernels.runtime.gpu_slug()``, e.g. nvidia-h100-80gb-hbm3), so
 that an H200 is never compared with H100 numbers:
@@ -7,16 +7,17 @@ that an H200 is never compared with H100 numbers:
   limits derived from it (TOLERANCE_RULES). Written only by ``python -m profiling record``.
 - ``<machine-id>/NNNN_<name>.json``: pytest-benchmark kernel benchmark runs (``bench``).
 
-``validate`` checks a baseline's schema and types before anything is measured; ``compare``
-is pure logic on two runs, so CPU CI tests it on synthetic runs. A baseline that is missing,
-unreadable, malformed, for another GPU model or for another model or plan raises a
-BaselineError: the gate never passes for want of a baseline.
+Here: reading (``load_baseline``), ``validate`` (a baseline's schema and types, checked before
+anything is measured), ``check_comparable`` (whether a run can be compared with it), writing
+(``write_baseline``) and the tolerances fixed at record time (``make_baseline``). The verdict
+is profiling/gate.py's. A baseline that is missing, unreadable, malformed, for another GPU
+model or for another model or plan raises a BaselineError: the gate never passes for want of
+a baseline.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import math
 import statistics
@@ -59,6 +60,16 @@ class ForeignBaseline(BaselineError):
 
 class BaselineMismatch(BaselineError):
     """The baseline was measured with another model, plan or set of fusions."""
+
+
+class NotYetBaselined(BaselineMismatch):
+    """Fusions are registered that the baseline does not know: nothing gates them until it is
+    recorded again (a fusion just added: docs/add-a-fusion.md)."""
+
+
+def not_yet_baselined(current_model: dict, baseline_model: dict) -> list[str]:
+    """The fusions of a run's model summary that the baseline's does not list."""
+    return sorted(set(current_model["fusions"]) - set(baseline_model["fusions"]))
 
 
 def baseline_dir(slug: str | None = None, root: str | Path = BASELINE_ROOT) -> Path:
@@ -392,13 +403,18 @@ def check_comparable(current: dict, baseline: dict) -> None:
                 f"model {field} differs from the baseline's ({cm[field]} vs {bm[field]}): "
                 f"measure the baseline's model, or re-record with --force"
             )
-    new = sorted(set(cm["fusions"]) - set(bm["fusions"]))
+    new = not_yet_baselined(cm, bm)
     gone = sorted(set(bm["fusions"]) - set(cm["fusions"]))
-    if new or gone:
+    if gone:
         raise BaselineMismatch(
             "the registered fusions differ from the baseline's ("
             + ", ".join([*(f"new: {n}" for n in new), *(f"gone: {g}" for g in gone)])
             + "): re-record the baseline with --force so that they are gated"
+        )
+    if new:
+        raise NotYetBaselined(
+            f"not yet baselined: {', '.join(new)} (registered, not in this baseline): record the "
+            f"baseline again with --force so that it is gated ({record_command(cm.get('tp', 1))})"
         )
     for field in ("prompt_len", "new_tokens", "batches", "kernel_rows", "launch_steps"):
         ours, theirs = current["plan"].get(field), baseline["plan"].get(field)
@@ -407,238 +423,6 @@ def check_comparable(current: dict, baseline: dict) -> None:
                 f"plan {field} is {ours}, the baseline used {theirs}: measure with the "
                 "baseline's plan, or re-record with --force"
             )
-
-
-# --------------------------------------------------------------------------------------------
-# The comparison
-# --------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Check:
-    stage: str  # flags, launches, numerics, kernel_ratio, tok_s, speedup
-    key: str
-    message: str
-    ok: bool
-    timing: bool = False  # a timing check: measured once more before the gate fails
-
-
-@dataclasses.dataclass
-class GateResult:
-    checks: list[Check]
-    notes: list[str]
-
-    @property
-    def ok(self) -> bool:
-        return bool(self.checks) and all(c.ok for c in self.checks)
-
-    @property
-    def failures(self) -> list[Check]:
-        return [c for c in self.checks if not c.ok]
-
-    def failed_stages(self) -> set[str]:
-        return {c.stage for c in self.failures}
-
-    def summary(self) -> str:
-        stages = sorted({c.stage for c in self.checks})
-        lines = [
-            f"gate: {'PASS' if self.ok else 'FAIL'} ({len(self.checks)} checks: "
-            + ", ".join(f"{s} {sum(c.stage == s for c in self.checks)}" for s in stages)
-            + ")"
-        ]
-        lines += [f"  FAIL [{c.stage}] {c.key}: {c.message}" for c in self.failures]
-        lines += [f"  note: {n}" for n in self.notes]
-        return "\n".join(lines)
-
-    def to_json(self) -> dict:
-        return {
-            "ok": self.ok,
-            "checks": [dataclasses.asdict(c) for c in self.checks],
-            "notes": self.notes,
-        }
-
-
-def compare_flags(current: dict, baseline: dict) -> list[Check]:
-    now, then = current["model"]["default_fusions"], baseline["model"]["default_fusions"]
-    return [
-        Check(
-            "flags",
-            "default_fusions",
-            f"the engine's default fusions are {now or 'none'}"
-            + ("" if now == then else f", the baseline's {then}"),
-            now == then,
-        )
-    ]
-
-
-def compare_launches(current: dict, baseline: dict, notes: list[str]) -> list[Check]:
-    checks = []
-    for key, base in sorted(baseline["launches"].items()):
-        cur = current["launches"].get(key)
-        if cur is None:
-            checks.append(Check("launches", key, "not counted in this run", False))
-            continue
-        for field in ("kernels_per_step", "memcpy_per_step", "memset_per_step"):
-            now, then = cur[field], base[field]
-            ok = now <= then
-            checks.append(Check("launches", f"{key}.{field}", f"{now:g} (baseline {then:g})", ok))
-            if now < then:
-                notes.append(f"{key} {field} fell ({now:g} < {then:g}): re-record to lock it in")
-        for name in sorted(set(base["segments"]) | set(cur["segments"])):
-            b, c = base["segments"].get(name), cur["segments"].get(name)
-            where = f"{key}.{name}"
-            if c is None:
-                checks.append(Check("launches", where, "segment not run in this run", False))
-            elif b is None:
-                checks.append(
-                    Check(
-                        "launches",
-                        where,
-                        "a segment the baseline did not run "
-                        f"({c['instances']:g} x {c['per_instance']:g} kernels)",
-                        False,
-                    )
-                )
-            else:
-                ok = c["instances"] == b["instances"] and c["per_instance"] <= b["per_instance"]
-                checks.append(
-                    Check(
-                        "launches",
-                        where,
-                        f"{c['instances']:g} x {c['per_instance']:g} kernels "
-                        f"(baseline {b['instances']:g} x {b['per_instance']:g})",
-                        ok,
-                    )
-                )
-    # The config's claim: all unfused minus each variant is exactly what its fusions save.
-    model = current["model"]
-    for key, cur in sorted(current["launches"].items()):
-        off_key = key.replace(f"{cur['variant']}/", "none/", 1)
-        off = current["launches"].get(off_key)
-        if cur["variant"] == "none" or off is None or cur["batch"] != 1:
-            continue
-        expected = expected_saving(model, cur["fusions"], off["segments"])
-        measured = off["kernels_per_step"] - cur["kernels_per_step"]
-        checks.append(
-            Check(
-                "launches",
-                f"{key}.saved",
-                f"{measured:g} kernels fewer than all unfused (its fusions' instances x "
-                f"(span's ops - fused) say {expected:g})",
-                measured == expected,
-            )
-        )
-    return checks
-
-
-def expected_saving(model_info: dict, fusions, unfused_segments: dict) -> float:
-    """Kernels per step that ``fusions`` save over all unfused: per fusion, its instances x
-    (what its span's ops launch per instance unfused - its fused kernels). Instances, spans
-    and fused kernels come from the config and the registry; what an op launches unfused
-    comes from the all-unfused run (cuBLAS may split one GEMM into two kernels)."""
-    total = 0.0
-    for f in fusions:
-        info = model_info["fusions"][f]
-        ops = info["spans"][0]
-        unfused = sum(unfused_segments[op]["per_instance"] for op in ops if op in unfused_segments)
-        total += info["instances_per_step"] * (unfused - info["fused_kernels"])
-    return total
-
-
-def compare_numerics(current: dict) -> list[Check]:
-    return [
-        Check("numerics", r["name"] + f"/{r['dtype']}/m{r['rows']}", _numerics_message(r), r["ok"])
-        for r in current.get("numerics", [])
-        if "skipped" not in r  # a check that could not run here (its reason is in the run)
-    ]
-
-
-def _numerics_message(r: dict) -> str:
-    text = f"max_abs {r['max_abs']:.3g} (unfused {r['unfused_max_abs']:.3g})"
-    return text + ("" if r["ok"] else ": " + "; ".join(r["failures"]))
-
-
-def compare_kernel_ratios(current: dict, baseline: dict) -> list[Check]:
-    checks = []
-    for key, base in sorted(baseline["kernel_ratios"].items()):
-        cur = current.get("kernel_ratios", {}).get(key)
-        if cur is None:
-            checks.append(Check("kernel_ratio", key, "not measured in this run", False, True))
-            continue
-        ok = cur["ratio"] <= base["max"]
-        checks.append(
-            Check(
-                "kernel_ratio",
-                key,
-                f"{cur['ratio']:.4f} ({cur['fused_us']:.2f} vs {cur['reference_us']:.2f} µs) "
-                f"vs baseline {base['ratio']:.4f} (max {base['max']:.4f}, "
-                f"+{base['tolerance']:.1%})",
-                ok,
-                True,
-            )
-        )
-    return checks
-
-
-def compare_e2e(current: dict, baseline: dict, notes: list[str]) -> list[Check]:
-    checks = []
-    for key, base in sorted(baseline["e2e"].items()):
-        cur = current.get("e2e", {}).get(key)
-        if cur is None:
-            checks.append(Check("tok_s", key, "not measured in this run", False, True))
-            continue
-        d, bd = cur["variants"]["default"], base["variants"]["default"]
-        checks.append(
-            Check(
-                "tok_s",
-                f"{key}.default",
-                f"{d['median']:.1f} tok/s vs baseline {bd['median']:.1f} (min {bd['min']:.1f}, "
-                f"-{bd['tolerance']:.1%})",
-                d["median"] >= bd["min"],
-                True,
-            )
-        )
-        for name, bs in sorted(base["speedups"].items()):
-            cs = cur["speedups"].get(name)
-            where = f"{key}.speedup.{name}"
-            if cs is None:
-                checks.append(Check("speedup", where, "not measured in this run", False, True))
-            elif not bs["gated"]:
-                notes.append(f"{where}: {cs['median']:.3f}x, not gated: {bs['reason']}")
-            else:
-                checks.append(
-                    Check(
-                        "speedup",
-                        where,
-                        f"{cs['on']}/{cs['off']} {cs['median']:.3f}x vs baseline "
-                        f"{bs['median']:.3f}x (floor {bs['floor']:.3f}x)",
-                        cs["median"] >= bs["floor"],
-                        True,
-                    )
-                )
-    return checks
-
-
-def compare(current: dict, baseline: dict) -> GateResult:
-    """Gate ``current`` (a run of the gate's stages) against ``baseline`` (make_baseline's).
-
-    Raises BaselineError when the two cannot be compared.
-    """
-    check_comparable(current, baseline)
-    notes: list[str] = []
-    for field in ("torch", "triton", "cuda"):
-        if current.get(field) != baseline.get(field):
-            notes.append(
-                f"{field} {current.get(field)} differs from the baseline's {baseline.get(field)}"
-            )
-    checks = [
-        *compare_flags(current, baseline),
-        *compare_launches(current, baseline, notes),
-        *compare_numerics(current),
-        *compare_kernel_ratios(current, baseline),
-        *compare_e2e(current, baseline, notes),
-    ]
-    return GateResult(checks, notes)
 
 
 # --------------------------------------------------------------------------------------------

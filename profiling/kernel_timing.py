@@ -16,7 +16,6 @@ with its references in one process (docs/definitions.md, "Kernel timing").
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import statistics
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -84,21 +83,16 @@ def implementations(fusion: Fusion, ops) -> dict[str, Callable[[dict], Any]]:
     return impls
 
 
-# Kernels with two paths (the Triton GEMV, cuBLAS's GEMM with the epilogue), chosen per shape
-# by their select_config, and how many weight rows make one output column of the tables' key
-# (rms_norm_swiglu pairs a gate and an up row).
-_ROWS_PER_OUTPUT = {"linear_residual": 1, "rms_norm_linear": 1, "rms_norm_swiglu": 2}
-
-
 def fused_path(fusion: Fusion, inputs: dict, rows: int) -> str:
     """Which path the fused call takes for ``inputs`` at ``rows`` tokens: "gemv" or "cublas"
     (the kernel's own choice: a forced config, this GPU's tuned table, else its heuristic), or
-    "triton" for kernels with one path."""
-    if fusion.kernel not in _ROWS_PER_OUTPUT:
+    "triton" for kernels with one path (no ``select_config``). A two-path kernel's table is
+    keyed by its weight's rows over its ``ROWS_PER_OUTPUT`` (kernels/gemv.py)."""
+    kernel = fusion.kernel_module()
+    if not hasattr(kernel, "select_config"):
         return "triton"
-    kernel = importlib.import_module(f"kernels.{fusion.kernel}")
     (weight,) = [v for k, v in inputs.items() if k.endswith("_weight") and v.dim() == 2]
-    N, K = weight.shape[0] // _ROWS_PER_OUTPUT[fusion.kernel], weight.shape[1]
+    N, K = weight.shape[0] // kernel.ROWS_PER_OUTPUT, weight.shape[1]
     return kernel.select_config(rows, N, K, weight.dtype).path
 
 
@@ -175,7 +169,8 @@ def time_chains(
     return us
 
 
-def time_all_reduce_residual(
+def time_rank_fusion(
+    fusion: Fusion,
     parallel,
     hidden: int,
     rows: int,
@@ -187,14 +182,15 @@ def time_all_reduce_residual(
     replays: int = 3,
     seed: int = 0,
 ) -> RatioResult | None:
-    """The TP-only step on every rank of ``parallel``: the one-shot kernel against its unfused
-    ops (NCCL all-reduce in place, then the residual add), at ``rows`` x ``hidden``. None where
-    the kernel cannot run (kernels.all_reduce_residual.unavailable_reason; a collective)."""
-    from kernels import all_reduce_residual as ar
-
+    """A fusion that needs every rank (``Fusion.needs_ranks``), timed on every rank of
+    ``parallel``: its kernel against its unfused ops (NCCL all-reduce in place, then the
+    residual add), at ``rows`` x ``hidden``. None where the kernel cannot run (its
+    ``unavailable_reason``; a collective)."""
+    kernel = fusion.kernel_module()
+    launch = getattr(kernel, fusion.kernel)
     device = torch.device("cuda", torch.cuda.current_device())
     group = parallel.group
-    if ar.unavailable_reason(device, group) is not None:
+    if kernel.unavailable_reason(device, group) is not None:
         return None
     generator = torch.Generator(device="cuda").manual_seed(seed * 31 + parallel.rank + 1)
     # Partials stay small: the in-place all-reduce feeds each call's sum to the next one.
@@ -206,12 +202,12 @@ def time_all_reduce_residual(
         for _ in range(layers)
     ]
     impls = {
-        "fused": lambda i: ar.all_reduce_residual(i["x"], i["residual"], group, out=i["residual"]),
-        REFERENCE_UNFUSED: lambda i: ar.reference(i["x"], i["residual"], group),
+        "fused": lambda i: launch(i["x"], i["residual"], group, out=i["residual"]),
+        REFERENCE_UNFUSED: lambda i: kernel.reference(i["x"], i["residual"], group),
     }
     align = aligner(parallel, device)  # every rank starts each timed chain together
     us = time_chains(impls, input_sets, reps=reps, rounds=rounds, replays=replays, align=align)
-    return RatioResult("all_reduce_residual", rows, us)
+    return RatioResult(fusion.name, rows, us)
 
 
 def fused_us_per_call(

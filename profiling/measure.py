@@ -1,7 +1,8 @@
 """The measurements of the suite, stage by stage, for every registered fusion.
 
-Each stage returns plain JSON-able data; profiling/baselines.py turns a run into a baseline
-and compares runs, profiling/gate.py runs the gate's stages, ``python -m profiling`` the report.
+Each stage returns plain JSON-able data; profiling/gate.py lists the stages, runs them and
+compares a run with a baseline, profiling/baselines.py turns a run into a baseline and stores
+it, ``python -m profiling`` writes the report.
 
 1. launches   kernels per decode step (= per token at batch 1) per variant, mode (eager, CUDA
               graph) and batch size, attributed to every segment (fusion step or unfused op)
@@ -266,13 +267,13 @@ def measure_launches(model, plan: Plan, progress=None) -> dict:
 
 
 def measure_fusion_numerics(model, plan: Plan, seed: int) -> list[NumericsResult]:
-    """Each applicable fusion at this model's (under TP: this rank's) shapes. The TP-only
-    all_reduce_residual needs every rank: measure_all_reduce_residual_numerics."""
+    """Each applicable fusion at this model's (under TP: this rank's) shapes. A fusion that
+    needs every rank is checked by measure_rank_fusion_numerics."""
     program = model.program()
     generator = torch.Generator(device=model.device).manual_seed(seed)
     results = []
     for fusion in applicable_fusions(model):
-        if fusion.name in RANK_FUSIONS:
+        if fusion.needs_ranks:
             continue
         for dtype in dict.fromkeys((model.dtype, torch.float32)):
             for rows in plan.numerics_rows:
@@ -364,9 +365,9 @@ def measure_numerics(model, plan: Plan, seed: int = 0, share=lambda v: v) -> lis
     entry with its reason). Under TP every rank calls it (collectives inside)."""
     results: list = [*measure_fusion_numerics(model, plan, seed)]
     # Registered and spanned (a TP model): checked, or skipped saying why its kernel cannot run.
-    spanned = {f.name for f in registry.all_fusions()} - set(model.not_applicable)
-    if "all_reduce_residual" in spanned:
-        results += measure_all_reduce_residual_numerics(model, plan, seed)
+    for fusion in registry.all_fusions():
+        if fusion.needs_ranks and fusion.name not in model.not_applicable:
+            results += measure_rank_fusion_numerics(model, fusion, plan, seed)
     reason = model_numerics_skip_reason(model, share)
     if reason is None:
         results.append(measure_model_numerics(model, plan, seed))
@@ -387,12 +388,7 @@ class SkippedCheck:
         return {"name": self.name, "skipped": self.reason, "ok": True, "failures": []}
 
 
-# Fusions whose numerics and kernel time need every rank (the rank's partial is not the
-# whole input): measured by their own functions below.
-RANK_FUSIONS = ("all_reduce_residual",)
-
-
-def _all_reduce_residual_inputs(model, rows: int, dtype: torch.dtype, seed: int):
+def _rank_inputs(model, rows: int, dtype: torch.dtype, seed: int):
     """This rank's partial sum (its own draw) and the residual (the same on every rank)."""
     rank = model.parallel.rank
     hidden = model.config.hidden_size
@@ -401,25 +397,27 @@ def _all_reduce_residual_inputs(model, rows: int, dtype: torch.dtype, seed: int)
     return x.to(model.device, dtype), residual.to(model.device, dtype)
 
 
-def measure_all_reduce_residual_numerics(model, plan: Plan, seed: int) -> list:
-    """The fused all-reduce + residual add against the gathered float64 sum (a collective),
-    held to the unfused NCCL all-reduce + add's error. Where its kernel cannot run (CPU,
-    gloo, no symmetric memory) a skipped entry says why."""
-    from kernels import all_reduce_residual as ar
-
+def measure_rank_fusion_numerics(model, fusion, plan: Plan, seed: int) -> list:
+    """A fusion that needs every rank (``Fusion.needs_ranks``: the all-reduce of this rank's
+    partial + the residual add) against the gathered float64 sum (a collective), held to its
+    unfused ops' error (NCCL's all-reduce + the add). Where its kernel cannot run (CPU, gloo,
+    no symmetric memory) a skipped entry says why."""
+    kernel = fusion.kernel_module()
+    launch = getattr(kernel, fusion.kernel)
+    check = f"{fusion.name}.{fusion.outputs[0]}"
     group = model.parallel.group
-    reason = ar.unavailable_reason(model.device, group)  # a collective on CUDA
+    reason = kernel.unavailable_reason(model.device, group)  # a collective on CUDA
     if reason is not None:
-        return [SkippedCheck("all_reduce_residual.residual", f"kernel unavailable: {reason}")]
+        return [SkippedCheck(check, f"kernel unavailable: {reason}")]
     results = []
     for dtype in dict.fromkeys((model.dtype, torch.float32)):
         for rows in plan.numerics_rows:
-            x, residual = _all_reduce_residual_inputs(model, rows, dtype, seed)
-            exact = ar.gathered_float64_reference(x, residual, group)
+            x, residual = _rank_inputs(model, rows, dtype, seed)
+            exact = kernel.gathered_float64_reference(x, residual, group)
             with tf32_off():
-                unfused = ar.reference(x.clone(), residual.clone(), group)
-            fused = ar.all_reduce_residual(x.clone(), residual.clone(), group)
-            results.append(judge("all_reduce_residual.residual", fused, exact, unfused, rows=rows))
+                unfused = kernel.reference(x.clone(), residual.clone(), group)
+            fused = launch(x.clone(), residual.clone(), group)
+            results.append(judge(check, fused, exact, unfused, rows=rows))
     return results
 
 
@@ -444,11 +442,12 @@ def measure_kernel_ratios(
     for fusion in applicable_fusions(model):
         for rows in plan.kernel_rows:
             wanted = only is None or any(k.startswith(f"{fusion.name}/m{rows}/") for k in only)
-            if wanted and fusion.name in RANK_FUSIONS:
-                from profiling.kernel_timing import time_all_reduce_residual
+            if wanted and fusion.needs_ranks:
+                from profiling.kernel_timing import time_rank_fusion
 
                 # Every rank times the same chains (each replay's all-reduces meet the peers').
-                result = time_all_reduce_residual(
+                result = time_rank_fusion(
+                    fusion,
                     model.parallel,
                     model.config.hidden_size,
                     rows,

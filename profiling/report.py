@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 from profiling import breakdown as breakdown_mod
-from profiling.baselines import RECORD_COMMAND, expected_saving
+from profiling.baselines import RECORD_COMMAND
+from profiling.gate import expected_saving
 
 NO_BASELINE = f"no baseline: record with {RECORD_COMMAND.split('   ')[0]}"
 

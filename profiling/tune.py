@@ -19,8 +19,6 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
-import importlib
-import itertools
 import json
 import multiprocessing
 import os
@@ -33,63 +31,17 @@ import triton
 
 from engine import fusions as registry
 from engine.config import QWEN3_SIZES, qwen3_config
-from engine.program import call_fused, draw_inputs, span_ops
+from engine.program import call_fused, dim, draw_inputs, span_ops
 from engine.qwen3 import Qwen3ForCausalLM
 from kernels import tuning
-from kernels.launch_checks import next_pow2
 from kernels.runtime import gpu_name, gpu_slug
 from profiling.kernel_timing import fused_us_per_call
 from profiling.numerics import check_fusion
 
 
-def _linear_residual(M: int, N: int, K: int):
-    from kernels.linear_residual import Config
-
-    out = [Config("cublas")] if M > 4 else []
-    # K slices of 512-4096 columns, as many as cover K: K = 3072 splits 3 x 1024 or 6 x 512,
-    # not 4 x 1024 with the last slice empty (or 2 x 2048 with a quarter of each tile masked).
-    for slice_k in sorted({min(next_pow2(K), s) for s in (512, 1024, 2048, 4096)}):
-        split = triton.cdiv(K, slice_k)
-        if M <= 4:
-            for bn, warps in itertools.product((1, 2, 4, 8), (4, 8)):
-                if M * bn * slice_k <= 16384 and 128 <= triton.cdiv(N, bn) * split <= 8192:
-                    out.append(Config("gemv", M, bn, slice_k, warps, pdl=True, split_k=split))
-        if M >= 2 and slice_k >= 64:
-            for bn, warps in itertools.product((16, 32, 64), (4, 8)):
-                programs = triton.cdiv(N, bn) * split * triton.cdiv(M, 16)
-                if 64 <= programs <= 2048 and bn * slice_k <= 32768 and 16 * slice_k <= 32768:
-                    out.append(
-                        Config("gemv", 16, bn, slice_k, warps, pdl=True, split_k=split, dot=True)
-                    )
-    return out
-
-
-def _rms_norm_gemv(M: int, N: int, K: int):
-    from kernels.rms_norm_linear import Config
-
-    out = [Config("cublas")] if M >= 16 else []
-    block_k = triton.next_power_of_2(K)
-    if M <= 4:
-        for bn, warps in itertools.product((1, 2, 4, 8), (4, 8)):
-            if M * bn * block_k <= 16384:
-                out.append(Config("gemv", triton.next_power_of_2(M), bn, block_k, warps, pdl=True))
-    if M >= 2:
-        for bn, warps, bk in itertools.product((16, 32), (4, 8), (256, 512, 1024)):
-            if bk <= block_k:
-                out.append(Config("gemv", 16, bn, bk, warps, pdl=True, dot=True))
-    return out
-
-
-CANDIDATES = {
-    "linear_residual": _linear_residual,
-    "rms_norm_linear": _rms_norm_gemv,
-    "rms_norm_swiglu": _rms_norm_gemv,
-}
-
-
 def tunable(fusion) -> bool:
-    """Whether ``fusion``'s kernel has a tuned launch table (tuning candidates)."""
-    return fusion.kernel in CANDIDATES
+    """Whether ``fusion``'s kernel has a launch table to tune (it exports its candidates)."""
+    return hasattr(fusion.kernel_module(), "tuning_candidates")
 
 
 def untuned_kernels() -> list[str]:
@@ -98,13 +50,12 @@ def untuned_kernels() -> list[str]:
     return [k for k in kernels if not tuning.table_path(k).exists()]
 
 
-def _kernel_shape(fusion, ops, config) -> tuple[int, int]:
-    """(N, K) the kernel's table is keyed by: its weight's shape (the swiglu kernel: I, K)."""
+def kernel_shape(fusion, ops, config) -> tuple[int, int]:
+    """(N, K) the kernel's table is keyed by: its weight's shape, N divided by the kernel's
+    weight rows per output column (the swiglu kernel: I, K)."""
     weight = next(r for op in ops for r in op.reads if r.kind == "param" and len(r.dims) == 2)
-    from engine.program import dim
-
     N, K = (dim(config, d) for d in weight.dims)
-    return (N // 2, K) if fusion.kernel == "rms_norm_swiglu" else (N, K)
+    return N // fusion.kernel_module().ROWS_PER_OUTPUT, K
 
 
 def _program(config):
@@ -114,7 +65,7 @@ def _program(config):
 
 def tuned_buckets(fusion, config, dtype_name: str) -> set[int]:
     """The buckets this GPU's table already holds a tuning result for (kept or heuristic)."""
-    N, K = _kernel_shape(fusion, span_ops(_program(config), fusion), config)
+    N, K = kernel_shape(fusion, span_ops(_program(config), fusion), config)
     path = tuning.table_path(fusion.kernel)
     table = json.loads(path.read_text()) if path.exists() else {}
     timings = table.get("timings", {}).get(f"{N}x{K}", {}).get(dtype_name, {})
@@ -123,9 +74,9 @@ def tuned_buckets(fusion, config, dtype_name: str) -> set[int]:
 
 def _candidates(fusion, config, M: int, dtype: torch.dtype) -> list:
     """The configurations a bucket times: the kernel's candidates, then its heuristic."""
-    N, K = _kernel_shape(fusion, span_ops(_program(config), fusion), config)
-    kernel = importlib.import_module(f"kernels.{fusion.kernel}")
-    return [*CANDIDATES[fusion.kernel](M, N, K), kernel.heuristic_config(M, N, K, dtype)]
+    N, K = kernel_shape(fusion, span_ops(_program(config), fusion), config)
+    kernel = fusion.kernel_module()
+    return [*kernel.tuning_candidates(M, N, K), kernel.heuristic_config(M, N, K, dtype)]
 
 
 def _compile_one(job: tuple) -> None:
@@ -163,12 +114,12 @@ def precompile(work: list[tuple], dtype_name: str, jobs: int, log) -> None:
 def tune_fusion(fusion, config, buckets, dtype, log) -> tuple[dict, dict, tuple[int, int]]:
     program = _program(config)
     ops = span_ops(program, fusion)
-    N, K = _kernel_shape(fusion, ops, config)
-    kernel = importlib.import_module(f"kernels.{fusion.kernel}")
+    N, K = kernel_shape(fusion, ops, config)
+    kernel = fusion.kernel_module()
     configs, timings = {}, {}
     for M in buckets:
         results = []
-        for cfg in CANDIDATES[fusion.kernel](M, N, K):
+        for cfg in kernel.tuning_candidates(M, N, K):
             try:
                 with tuning.use_config(fusion.kernel, cfg):
                     us = fused_us_per_call(fusion, program, config, M, dtype, reps=2, rounds=5)

@@ -83,20 +83,20 @@ def _sub(path: str, old: str, new: str):
 
 O_PROJ = (
     "fused=lambda attn, residual, o_proj_weight: linear_residual(\n"
-    "            attn, residual, o_proj_weight, out=residual\n"
-    "        ),"
+    "        attn, residual, o_proj_weight, out=residual\n"
+    "    ),"
 )
 PLANTS = {
     "flag_off": _sub(
         "engine/fusions.py",
         'doc="attention output projection + attention residual add (in place)",',
         'doc="attention output projection + attention residual add (in place)",\n'
-        "        default=False,",
+        "    default=False,",
     ),
     "extra_kernel": _sub(
         "engine/fusions.py",
         O_PROJ,
-        O_PROJ.replace("out=residual\n        ),", "out=residual\n        ).add_(0),"),
+        O_PROJ.replace("out=residual\n    ),", "out=residual\n    ).add_(0),"),
     ),
     "slow_5pct": _fma_plant(100),
     "gain_halved": _fma_plant(1000),
@@ -104,7 +104,7 @@ PLANTS = {
         "engine/fusions.py", O_PROJ, O_PROJ.replace("out=residual", "1.01, out=residual")
     ),
     "fp32_tf32": _sub(
-        "kernels/linear_residual.py",
+        "kernels/gemv.py",
         'acc = tl.dot(a, b, acc, input_precision="ieee")',
         'acc = tl.dot(a, b, acc, input_precision="tf32")',
     ),
@@ -280,7 +280,8 @@ def rejudge(folder: Path, root: Path | None = None) -> int:
     """Each stored run against the current baseline of its GPU and TP size (timing checks that
     the run measured twice are judged on the second measurement, as the gate did). ``root``:
     the baselines folder (default: the committed one)."""
-    from profiling.baselines import BASELINE_ROOT, compare, load_baseline
+    from profiling.baselines import BASELINE_ROOT, load_baseline
+    from profiling.gate import compare
 
     results = []
     for path in sorted(folder.glob("*/gate.json")):

@@ -1,5 +1,5 @@
 """The one-shot all-reduce + residual kernel against NCCL all-reduce + add, µs per call in
-CUDA graphs (profiling.kernel_timing.time_all_reduce_residual), at decode sizes, bf16. Every
+CUDA graphs (profiling.kernel_timing.time_rank_fusion), at decode sizes, bf16. Every
 rank times the same chains; rank 0 prints one line per size.
 
     torchrun --nproc-per-node 2 -m scripts.time_all_reduce_residual [--rows 1 8] \\
@@ -13,8 +13,9 @@ import argparse
 import torch
 import torch.distributed as dist
 
+from engine import fusions as registry
 from engine.parallel import init_distributed, world_size_from_env
-from profiling.kernel_timing import REFERENCE_UNFUSED, time_all_reduce_residual
+from profiling.kernel_timing import REFERENCE_UNFUSED, time_rank_fusion
 
 
 def main(argv=None) -> None:
@@ -26,11 +27,12 @@ def main(argv=None) -> None:
     if not torch.cuda.is_available():
         raise SystemExit("error: needs CUDA GPUs (one per rank, torchrun --nproc-per-node N)")
     parallel, _ = init_distributed(world_size_from_env())
+    (fusion,) = [f for f in registry.rank_fusions() if f.name == "all_reduce_residual"]
     try:
         for hidden in args.hidden:
             for rows in args.rows:
-                result = time_all_reduce_residual(
-                    parallel, hidden, rows, torch.bfloat16, rounds=args.rounds
+                result = time_rank_fusion(
+                    fusion, parallel, hidden, rows, torch.bfloat16, rounds=args.rounds
                 )
                 if parallel.rank != 0:
                     continue

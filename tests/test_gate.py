@@ -10,8 +10,8 @@ GPU's stored baseline. The planted regressions run on the GPU through scripts/ga
 
 from __future__ import annotations
 
-import contextlib
 import json
+import warnings
 
 import pytest
 import torch
@@ -24,12 +24,13 @@ from profiling.baselines import (
     BaselineMismatch,
     BaselineMissing,
     ForeignBaseline,
-    compare,
+    NotYetBaselined,
     load_baseline,
     make_baseline,
     validate,
     write_baseline,
 )
+from profiling.gate import compare
 
 
 @pytest.fixture(scope="module")
@@ -247,8 +248,13 @@ def test_another_model_or_plan_is_a_mismatch(model, baseline):
         compare(other_plan, baseline)
     new_fusion = synthetic_report(seed=22, model=model)
     new_fusion["model"]["fusions"]["toy"] = dict(new_fusion["model"]["fusions"]["add_rms_norm"])
-    with pytest.raises(BaselineMismatch, match="new: toy"):
+    with pytest.raises(NotYetBaselined, match="not yet baselined: toy .*--force"):
         compare(new_fusion, baseline)
+    gone = synthetic_report(seed=22, model=model)
+    del gone["model"]["fusions"]["add_rms_norm"]
+    with pytest.raises(BaselineMismatch, match="gone: add_rms_norm") as raised:
+        compare(gone, baseline)
+    assert not isinstance(raised.value, NotYetBaselined)
 
 
 def test_record_refuses_to_replace_another_model_unless_forced(model, tmp_path):
@@ -292,7 +298,9 @@ def test_the_committed_baseline_is_usable_and_gates_every_fusion():
     for path in files:
         data = json.loads(path.read_text())
         assert validate(data) == [], path
-        assert set(data["model"]["fusions"]) == {f.name for f in registry.all_fusions()}, path
+        registered = {f.name for f in registry.all_fusions()}
+        assert set(data["model"]["fusions"]) <= registered, f"{path}: gates a fusion gone"
+        _report_not_yet_baselined(path, data["model"], {"fusions": registered})
         for key, e in data["kernel_ratios"].items():
             assert 0 < e["tolerance"] <= baselines.KERNEL_RATIO_CAP, key
 
@@ -318,7 +326,7 @@ def test_the_committed_tp_baselines_describe_the_code_as_it_is():
     """The same for perf_baselines/<gpu>/tpN/: rank 0's sharded model, built on meta with the
     TP-only fusions registered (as every TP process does), against the stored summary."""
     from engine.config import default_config
-    from engine.parallel import TP_FUSIONS, Parallel, ShardedQwen3ForCausalLM
+    from engine.parallel import Parallel, ShardedQwen3ForCausalLM
     from engine.qwen3 import on_meta
     from profiling.measure import model_summary
 
@@ -329,21 +337,34 @@ def test_the_committed_tp_baselines_describe_the_code_as_it_is():
         stored = json.loads(path.read_text())["model"]
         assert path.parent.name == f"tp{stored['tp']}", path
         config = default_config().replace(**stored["config"])
-        with contextlib.ExitStack() as stack:
-            for fusion in TP_FUSIONS:
-                stack.enter_context(registry.registered(fusion))
+        with registry.rank_fusions_listed():
             with on_meta(getattr(torch, stored["dtype"])):
                 model = ShardedQwen3ForCausalLM(config, Parallel(0, stored["tp"]))
             _assert_describes(path, stored, model_summary(model))
 
 
+def _report_not_yet_baselined(path, stored: dict, now: dict) -> None:
+    """A fusion added since the baseline was recorded is not a failure on CPU (the GPU gate
+    exits 3 for it until the baseline is recorded again): said as a warning."""
+    new = baselines.not_yet_baselined(now, stored)
+    if new:
+        warnings.warn(f"{path}: not yet baselined: {', '.join(new)}", stacklevel=2)
+
+
 def _assert_describes(path, stored: dict, now: dict) -> None:
-    assert now["default_fusions"] == stored["default_fusions"], (
-        f"{path}: default fusions {now['default_fusions']} in the code, "
+    """The baselined fusions as the code describes them (a fusion the baseline does not know
+    yet is reported, and left out of the defaults and alternatives compared)."""
+    _report_not_yet_baselined(path, stored, now)
+    known = set(stored["fusions"])
+    defaults = [f for f in now["default_fusions"] if f in known]
+    assert defaults == stored["default_fusions"], (
+        f"{path}: default fusions {defaults} in the code, "
         f"{stored['default_fusions']} in the baseline: re-record it or restore the default"
     )
-    assert set(now["fusions"]) == set(stored["fusions"]), path
-    for name, info in now["fusions"].items():
+    assert known <= set(now["fusions"]), f"{path}: the baseline gates a fusion gone from the code"
+    for name in known:
+        info = dict(now["fusions"][name])
+        info["alternatives"] = [a for a in info["alternatives"] if a in known]
         assert info == stored["fusions"][name], f"{path}: fusion {name} differs"
 
 

@@ -13,11 +13,15 @@ backend and ptxas. On a GPU runner the real launches compile anyway: skipped the
 
 from __future__ import annotations
 
+import importlib
 import json
+import pkgutil
 
 import pytest
 import torch
 from engine_helpers import compile_for_hopper
+
+import kernels
 
 _RECORD_AND_COMPILE = r"""
 import dataclasses, inspect, json, sys
@@ -158,15 +162,29 @@ def compiled():
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-# Kernels that read before the PDL wait what the kernel before them does not write (weights,
-# positions, rope tables, older cache rows); silu_mul reads only its producer's output.
-_READS_BEFORE_WAIT = {
-    "_gemv_residual_kernel", "_rms_norm_linear_kernel", "_rms_norm_swiglu_kernel",
-    "_rms_norm_kernel", "_qk_norm_rope_kernel", "_decode_attention_kernel",
-}  # fmt: skip
-# Kernels that let the next one launch only after their wait (measured: the next kernel's
-# weight stream slowed their loads).
-_TRIGGER_AFTER_WAIT = {"_decode_attention_kernel"}
+def _declared(attribute: str) -> set[str]:
+    """The kernel names every kernel module declares under ``attribute`` (READS_BEFORE_WAIT:
+    kernels that read before the PDL wait what the kernel before them does not write: weights,
+    positions, rope tables, older cache rows; TRIGGER_AFTER_WAIT: kernels that let the next one
+    launch only after their wait)."""
+    names: set[str] = set()
+    for info in pkgutil.iter_modules(kernels.__path__):
+        module = importlib.import_module(f"kernels.{info.name}")
+        names.update(getattr(module, attribute, ()))
+    return names
+
+
+_READS_BEFORE_WAIT = _declared("READS_BEFORE_WAIT")
+_TRIGGER_AFTER_WAIT = _declared("TRIGGER_AFTER_WAIT")
+
+
+def test_the_kernels_declare_their_pdl_loads():
+    """The declarations are read, not empty: every GEMV fusion kernel and the ops' kernels."""
+    assert {
+        "_gemv_residual_kernel", "_rms_norm_linear_kernel", "_rms_norm_swiglu_kernel",
+        "_rms_norm_kernel", "_qk_norm_rope_kernel", "_decode_attention_kernel",
+    } <= _READS_BEFORE_WAIT  # fmt: skip
+    assert "_silu_mul_kernel" not in _READS_BEFORE_WAIT  # it reads only its producer's output
 
 
 def test_pdl_as_compiled_waits_once_and_reads_weights_before_the_wait(compiled):

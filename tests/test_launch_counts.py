@@ -211,7 +211,7 @@ def test_every_segment_counted_as_the_program_says(model, spec, graph):
 
 @pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
 def test_fusions_save_exactly_what_the_registry_says(model, graph):
-    from profiling.baselines import expected_saving
+    from profiling.gate import expected_saving
     from profiling.measure import model_summary, segment_names
 
     def counted(spec):
@@ -379,7 +379,7 @@ def test_counter_on_real_gpu_traces(mode):
     """Expectations from the config the GPU run used and the registry, not from its counts."""
     import engine
     from engine.config import default_config
-    from profiling.baselines import expected_saving
+    from profiling.gate import expected_saving
     from profiling.measure import model_summary, segment_names
 
     index = _real_traces()
@@ -436,7 +436,7 @@ def layered_model(request):
 def test_engine_launch_counts_are_exact(layered_model, graph):
     import engine
     from engine.runner import Runner
-    from profiling.baselines import expected_saving
+    from profiling.gate import expected_saving
     from profiling.measure import model_summary, segment_names
 
     model, steps = layered_model, 3

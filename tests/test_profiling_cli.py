@@ -96,7 +96,7 @@ def test_bench_without_a_saved_run_exits_3(fake_gpu, tmp_path, capsys):
 def test_gate_fails_with_exit_1_and_passes_with_0(monkeypatch, tmp_path, capsys):
     """The gate's verdict is its exit code (the measuring replaced by a fixed result)."""
     from profiling import gate
-    from profiling.baselines import Check, GateResult
+    from profiling.gate import Check, GateResult
 
     def fake_run_gate(ok):
         def run(model, baseline, *, seed=0, log=print):

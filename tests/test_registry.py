@@ -18,11 +18,13 @@ from engine.flags import FusionFlags
 from engine.program import Fusion, ProgramError, segments, span_instances
 from kernels.launch_checks import check_runnable_device
 from profiling import measure, report, throughput
-from profiling.baselines import compare, make_baseline
+from profiling.baselines import make_baseline
+from profiling.gate import compare
 from profiling.numerics import check_fusion
 
 # --------------------------------------------------------------------------------------------
-# The toy: one kernel, one declaration (what docs/add-a-fusion.md walks through)
+# The toy: one kernel, one declaration, registered here for each test (tests/test_add_a_fusion.py
+# follows docs/add-a-fusion.md step by step)
 # --------------------------------------------------------------------------------------------
 
 

@@ -7,8 +7,8 @@ import torch
 from engine_helpers import DTYPES, assert_close_to_reference
 from triton import next_power_of_2 as triton_next_pow2
 
+from kernels import gemv, tuning
 from kernels import rms_norm_linear as module
-from kernels import tuning
 from kernels.rms_norm_linear import (
     KERNEL,
     Config,
@@ -116,7 +116,7 @@ def test_every_path(config, dtype_name, device):
 def test_heuristic_configs(interpreting, monkeypatch):
     """The heuristic's choices on both backends (the GPU's are only computed here): the path
     by M, tiles within the interpreter's limit, registers and shared memory on the GPU."""
-    monkeypatch.setattr(module, "INTERPRETING", interpreting)
+    monkeypatch.setattr(gemv, "INTERPRETING", interpreting)
     for dtype in DTYPES.values():
         for n, k in ((4096, 1024), (6144, 4096), (N, K)):
             for M in (1, 2, 3, 4, 8, 16, 17, 2048):
@@ -124,9 +124,9 @@ def test_heuristic_configs(interpreting, monkeypatch):
                 assert cfg == Config.from_json(cfg.to_json())
                 m, bn, bk = cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_K
                 if interpreting:
-                    assert cfg.path == "gemv" and cfg.dot == (M > module.GEMV_MAX_M)
+                    assert cfg.path == "gemv" and cfg.dot == (M > gemv.GEMV_MAX_M)
                     assert (max(m, bn) * bk if cfg.dot else m * bn * bk) <= 2**20
-                elif M > module.GEMV_MAX_M:
+                elif M > gemv.GEMV_MAX_M:
                     assert cfg.path == "cublas"
                 else:
                     assert cfg.path == "gemv" and cfg.pdl and cfg.dot == (M > 1)

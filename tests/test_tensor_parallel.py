@@ -37,7 +37,7 @@ from engine import parallel as tp
 from engine.__main__ import main
 from engine.flags import FusionFlags
 from engine.loader import CheckpointError
-from engine.parallel import ALL_REDUCE_RESIDUAL, NotApplicable, Parallel, ParallelError
+from engine.parallel import NotApplicable, Parallel, ParallelError
 from engine.program import span_instances
 from engine.qwen3 import LAYER_OPS, Qwen3ForCausalLM
 from kernels import all_reduce_residual as ar
@@ -93,7 +93,7 @@ cpu_ranks = pytest.mark.skipif(
 def tp_fusions():
     """The TP-only registry entry for this test alone (building a sharded model in this
     process registers it; other tests must see the single-process registry)."""
-    with registry.registered(ALL_REDUCE_RESIDUAL):
+    with registry.rank_fusions_listed():
         yield
 
 
@@ -255,7 +255,8 @@ def test_world_size_1_is_the_single_process_engine():
     assert type(model) is Qwen3ForCausalLM
     assert [b.op.name for b in model.program()] == [b.op.name for b in plain.program()]
     assert not any("all_reduce" in b.op.name for b in model.program())
-    assert ALL_REDUCE_RESIDUAL.name not in {f.name for f in registry.all_fusions()}
+    assert "all_reduce_residual" not in {f.name for f in registry.all_fusions()}
+    assert "all_reduce_residual" in {f.name for f in registry.rank_fusions()}
     for (name, a), b in zip(model.state_dict().items(), plain.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
 
@@ -342,8 +343,9 @@ def test_fusions_that_no_longer_apply_are_left_out_or_refused(tp_fusions):
     fused = [s.name for s in model.segments() if s.fusion]
     assert fused.count("add_rms_norm") == 2 and fused.count("norm_gate_up_silu") == 2
     program = model.program()
-    assert len(span_instances(program, ALL_REDUCE_RESIDUAL)) == 2 * CONFIG.num_hidden_layers
-    alternatives = {f.name for f in registry.all_fusions() if f.conflicts_with(ALL_REDUCE_RESIDUAL)}
+    all_reduce_residual = registry.get("all_reduce_residual")
+    assert len(span_instances(program, all_reduce_residual)) == 2 * CONFIG.num_hidden_layers
+    alternatives = {f.name for f in registry.all_fusions() if f.conflicts_with(all_reduce_residual)}
     assert alternatives == {"o_proj_residual", "down_proj_residual", "add_rms_norm"}
 
 

@@ -24,10 +24,10 @@ def program():
 @pytest.mark.parametrize("M", [1, 8, 64])
 def test_every_tunable_fusion_has_valid_candidates(program, name, M):
     fusion = registry.get(name)
-    if fusion.kernel not in tune.CANDIDATES:
+    if not tune.tunable(fusion):
         pytest.skip(f"{fusion.kernel} has no launch table")
-    N, K = tune._kernel_shape(fusion, span_ops(program, fusion), default_config())
-    candidates = tune.CANDIDATES[fusion.kernel](M, N, K)
+    N, K = tune.kernel_shape(fusion, span_ops(program, fusion), default_config())
+    candidates = fusion.kernel_module().tuning_candidates(M, N, K)
     assert candidates, (name, M)
     assert len(set(candidates)) == len(candidates)
     assert all(type(c).__name__ == "Config" for c in candidates)
@@ -38,9 +38,9 @@ def test_every_tunable_fusion_has_valid_candidates(program, name, M):
 def test_tables_are_keyed_by_the_kernel_launchers_own_width(program):
     c = default_config()
     shape = {
-        f.name: tune._kernel_shape(f, span_ops(program, f), c)
+        f.name: tune.kernel_shape(f, span_ops(program, f), c)
         for f in registry.all_fusions()
-        if f.kernel in tune.CANDIDATES
+        if tune.tunable(f)
     }
     assert shape["o_proj_residual"] == (c.hidden_size, c.num_attention_heads * c.head_dim)
     assert shape["down_proj_residual"] == (c.hidden_size, c.intermediate_size)

@@ -1,0 +1,239 @@
+"""docs/add-a-fusion.md, step by step, on CPU, with a toy fusion (the attention residual add as
+one scaled-add Triton kernel) and no edit to any other file: the kernel file, its declaration
+in the real registry, its numerics test; then the suite's stages as the gate runs them, launch
+counting on a CPU trace, the report, and a baseline written on CPU (in tmp_path) that gates
+it. Before that baseline is written, the committed baselines report the toy "not yet
+baselined" (the GPU gate exits 3 for it with that message) and CPU CI stays green."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import sys
+
+import pytest
+import torch
+from engine_helpers import small_config
+from gate_helpers import H100, LAYERS, PLAN, synthetic_report
+
+import engine
+from engine import fusions as registry
+from engine.flags import FusionFlags
+from engine.program import Fusion, span_instances
+from engine.qwen3 import Qwen3ForCausalLM, on_meta
+from engine.runner import Runner
+from profiling import baselines, breakdown, gate, measure, report
+from profiling.launches import record_decode_trace
+from profiling.numerics import check_fusion
+from profiling.ranks import Ranks
+
+NAME = "toy_scaled_residual_add"
+
+# Step 2: the kernel file, scaled_add.py in kernels/ (written to tmp_path and imported under that
+# name: the test edits nothing in the tree).
+KERNEL_FILE = '''
+"""residual + scale * o in one launch, accumulated in float32 and rounded once."""
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.launch_checks import check_runnable_device, check_same_dtype, check_tensor
+
+
+@triton.jit
+def _scaled_add_kernel(r_ptr, o_ptr, out_ptr, n, scale, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    r = tl.load(r_ptr + offs, mask=mask).to(tl.float32)
+    o = tl.load(o_ptr + offs, mask=mask).to(tl.float32)
+    tl.store(out_ptr + offs, (r + scale * o).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def scaled_add(residual, o, scale=1.0):
+    check_tensor("residual", residual)
+    check_runnable_device("residual", residual)
+    check_tensor("o", o, device=residual.device)
+    check_same_dtype("residual", residual, o=o)
+    if o.shape != residual.shape:
+        raise ValueError(f"o has shape {tuple(o.shape)}; expected {tuple(residual.shape)}")
+    residual, o = residual.contiguous(), o.contiguous()
+    out = torch.empty_like(residual)
+    n = residual.numel()
+    _scaled_add_kernel[(triton.cdiv(n, 4096),)](residual, o, out, n, scale, BLOCK=4096)
+    return out
+
+
+def scaled_add_reference(residual, o, scale=1.0):
+    return torch.add(residual, o, alpha=scale)
+
+
+def scaled_add_float64(residual, o, scale=1.0):
+    return residual.double() + scale * o.double()
+'''
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory):
+    path = tmp_path_factory.mktemp("kernels") / "scaled_add.py"
+    path.write_text(KERNEL_FILE)
+    spec = importlib.util.spec_from_file_location("kernels.scaled_add", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        del sys.modules[spec.name]
+
+
+@pytest.fixture(scope="module")
+def toy(kernel):
+    """Step 3: the declaration, registered in the real registry for this module's tests."""
+    fusion = Fusion(
+        NAME,
+        spans=(("attn_residual_add",),),
+        fused=lambda residual, o: kernel.scaled_add(residual, o),
+        outputs=("residual",),
+        kernel="scaled_add",
+        kernel_names=("_scaled_add_kernel",),
+        default=False,  # an alternative to o_proj_residual, which is on by default
+        doc="the attention residual add as one Triton kernel (the add-a-fusion toy)",
+    )
+    with registry.registered(fusion):
+        yield fusion
+
+
+@pytest.fixture(scope="module")
+def model(toy):
+    """The gate's model is bf16 (its whole-engine check holds it to an fp32 copy)."""
+    return engine.build(small_config(num_hidden_layers=LAYERS), dtype=torch.bfloat16, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def run(model):
+    """Step 5: the gate's stages as they run on CPU (numerics; the rest needs a GPU)."""
+    current = measure.report_header(model, PLAN)
+    gate.run_stages(model, PLAN, current, seed=0, log=lambda line: None, ranks=Ranks.single())
+    return current
+
+
+def test_1_the_span_is_a_run_of_the_program(toy, model):
+    program = model.program()
+    assert "attn_residual_add" in [b.op.name for b in program]
+    assert len(span_instances(program, toy)) == model.config.num_hidden_layers
+
+
+def test_2_the_kernel_file_is_found_from_the_declaration(toy, kernel):
+    assert toy.kernel_module() is kernel
+    g = torch.Generator().manual_seed(11)
+    r, o = torch.randn(3, 257, generator=g), torch.randn(3, 257, generator=g)
+    got = kernel.scaled_add(r, o, 0.5)
+    torch.testing.assert_close(got.double(), kernel.scaled_add_float64(r, o, 0.5))
+    with pytest.raises(ValueError, match=r"o has shape \(3, 256\)"):
+        kernel.scaled_add(r, o[:, :256])
+
+
+def test_3_the_declaration_is_in_the_registry_and_the_engine_runs_it(toy, model):
+    assert registry.get(NAME) is toy
+    assert {f.name for f in registry.all_fusions() if f.conflicts_with(toy)} == {"o_proj_residual"}
+    model.flags = FusionFlags([NAME])
+    try:
+        assert [s.name for s in model.segments()].count(NAME) == model.config.num_hidden_layers
+    finally:
+        model.flags = model.default_flags()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_4_numerics_through_the_fused_callable(toy, model, kernel, dtype, rows):
+    generator = torch.Generator().manual_seed(rows)
+    args = (toy, model.program(), model.config, rows, dtype, "cpu")
+    results = check_fusion(*args, generator)
+    assert [r.name for r in results] == [f"{NAME}.residual"]
+    assert all(r.ok for r in results), [r.summary() for r in results]
+    planted = Fusion(
+        **{**toy.__dict__, "fused": lambda residual, o: kernel.scaled_add(residual, o, 1.01)}
+    )
+    assert not any(r.ok for r in check_fusion(planted, *args[1:], generator))
+
+
+def test_5_the_suite_s_stages_check_it_on_cpu(toy, run):
+    assert NAME in run["model"]["fusions"]
+    toy_checks = [r for r in run["numerics"] if r["name"].startswith(f"{NAME}.")]
+    assert toy_checks and all(r["ok"] for r in toy_checks), toy_checks
+    for stage in ("launches", "kernel_ratios", "e2e"):
+        assert "needs a CUDA GPU" in run[f"{stage}_note"]
+
+
+def test_5_its_launches_are_counted_on_a_cpu_trace(toy, model, tmp_path):
+    """Host ranges of an eager decode trace: one range per instance a step, in place of the
+    op it replaces (kernel counts need a GPU's trace)."""
+    model.flags = FusionFlags([NAME])
+    try:
+        runner = Runner(model, max_seq_len=PLAN.prompt_len + 8)
+        path = record_decode_trace(runner, 2, tmp_path / "trace.json", prompt_len=4)
+    finally:
+        model.flags = model.default_flags()
+    segments = breakdown.segment_times(path, measure.segment_names(model))["segments"]
+    assert segments[NAME]["instances_per_step"] == model.config.num_hidden_layers
+    assert "attn_residual_add" not in segments
+
+
+def test_5_the_committed_baselines_report_it_not_yet_baselined(toy):
+    """CPU CI stays green before any GPU record; the GPU gate refuses with exit 3."""
+    files = sorted(baselines.BASELINE_ROOT.glob(f"*/{baselines.BASELINE_FILE}"))
+    if not files:
+        pytest.skip("no baseline committed yet")
+    from engine.config import default_config
+
+    for path in files:
+        stored = json.loads(path.read_text())
+        config = default_config().replace(**stored["model"]["config"])
+        with on_meta(getattr(torch, stored["model"]["dtype"])):
+            now = measure.model_summary(Qwen3ForCausalLM(config))
+        assert baselines.not_yet_baselined(now, stored["model"]) == [NAME], path
+        current = {**stored, "model": now}
+        with pytest.raises(baselines.NotYetBaselined, match=f"not yet baselined: {NAME}") as raised:
+            baselines.check_comparable(current, stored)
+        assert isinstance(raised.value, baselines.BaselineError)  # the CLI's exit 3
+    # The CPU checks of the committed baselines pass, saying so.
+    import test_gate
+
+    with pytest.warns(UserWarning, match=f"not yet baselined: {NAME}"):
+        test_gate.test_the_committed_baseline_is_usable_and_gates_every_fusion()
+    with pytest.warns(UserWarning, match=f"not yet baselined: {NAME}"):
+        test_gate.test_the_committed_baseline_describes_the_code_as_it_is()
+
+
+def test_6_a_baseline_recorded_on_cpu_gates_it_and_the_report_shows_it(toy, model, run, tmp_path):
+    """Step 6 (``record``, here on CPU into tmp_path): launch counts, ratios and tok/s made up
+    as a GPU would measure them (gate_helpers), numerics as measured above."""
+    recorded = synthetic_report(seed=1, model=model)
+    recorded["numerics"] = run["numerics"]
+    path, replaced = baselines.write_baseline(recorded, root=tmp_path)
+    assert replaced is None and path.is_relative_to(tmp_path)
+    baseline = baselines.load_baseline(H100[1], root=tmp_path)
+    assert NAME in baseline["model"]["fusions"]
+    assert f"{NAME}/m1/unfused" in baseline["kernel_ratios"]
+    assert NAME in baseline["e2e"]["b1"]["speedups"]
+
+    again = synthetic_report(seed=2, model=model)
+    again["numerics"] = run["numerics"]
+    result = gate.compare(again, baseline)
+    assert result.ok, result.summary()
+    slower = synthetic_report(seed=2, model=model, ratio_scale={NAME: 1.05})
+    assert {c.key.split("/")[0] for c in gate.compare(slower, baseline).failures} == {NAME}
+    extra = synthetic_report(seed=3, model=model, extra_kernels={NAME: 1})
+    assert any(NAME in c.key for c in gate.compare(extra, baseline).failures)
+    wrong = json.loads(json.dumps(again))
+    for r in wrong["numerics"]:
+        if r["name"].startswith(f"{NAME}."):
+            r["ok"] = False
+    assert {c.stage for c in gate.compare(wrong, baseline).failures} == {"numerics"}
+
+    text = report.text(again, baseline)
+    for section in (report.launches_table, report.ratios_table, report.e2e_table):
+        assert NAME in section(again, baseline)
+    assert "numerics:" in text and "FAIL" not in text
