@@ -106,7 +106,7 @@ def load_checkpoint(
     Accepts one or several ``*.safetensors`` files (with ``model.safetensors.index.json`` when
     sharded). With tied embeddings ``lm_head.weight`` is normally absent (the LM head is the
     embedding); if present it is skipped. Raises CheckpointError naming the tensor and file for
-    a missing, unexpected, wrongly shaped or wrongly typed tensor.
+    a missing, unexpected, wrongly shaped or wrongly typed tensor, or one holding NaN or inf.
 
     ``shard``: a tensor-parallel rank's layout (engine.parallel.Parallel): each full tensor is
     checked against ``shard.full_shape(name, local shape)``, then ``shard.take(name, tensor)``
@@ -161,7 +161,21 @@ def _copy_checked(target: torch.Tensor, tensor: torch.Tensor, name: str, path: P
             f"tensor {name!r} in {path} has dtype {tensor.dtype}; loadable: bfloat16, float16, "
             "float32 (cast to the model dtype)"
         )
+    # A NaN or inf weight would decode garbage with no error; one pass over the file's data.
+    finite = torch.isfinite(tensor)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        first = tuple(int(i) for i in (~finite).nonzero()[0])
+        raise CheckpointError(
+            f"tensor {name!r} in {path} holds {bad} NaN or inf value(s) (the first at index "
+            f"{first}): the checkpoint is corrupt"
+        )
     target.copy_(tensor)
+    if not bool(torch.isfinite(target).all()):  # finite in the file, out of the model's range
+        raise CheckpointError(
+            f"tensor {name!r} in {path} overflows {target.dtype} (values beyond its range "
+            "become inf): load it in a wider --dtype"
+        )
 
 
 @torch.no_grad()

@@ -38,7 +38,14 @@ import triton
 import triton.language as tl
 
 from kernels import tuning
-from kernels.launch_checks import cdiv, check_32bit_indexing, next_pow2, overlaps
+from kernels.launch_checks import (
+    cdiv,
+    check_32bit_indexing,
+    check_backend_setting,
+    check_no_grad,
+    next_pow2,
+    overlaps,
+)
 from kernels.runtime import INTERPRETING, pdl_options, pdl_supported
 
 KERNEL = "linear_residual"
@@ -365,9 +372,11 @@ def _check_inputs(x, residual, weight, residual_weight, out, names: tuple[str, s
     named = {xn: x, rn: residual, wn: weight}
     if out is not None:
         named["out"] = out
+    check_backend_setting()
     for name, t in named.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        check_no_grad(name, t)
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{xn} has dtype {x.dtype}; supported: bfloat16, float16, float32")
     for name, t in named.items():
