@@ -95,7 +95,11 @@ def available_bytes(device: torch.device) -> int:
 
 
 def gib(n: int) -> str:
-    return f"{n / 2**30:.3g} GiB" if n >= 2**20 else f"{n / 2**10:.3g} KiB"
+    """Bytes for a message: "70,912 GiB", "1.2 GiB", "16 KiB"."""
+    if n < 2**20:
+        return f"{n / 2**10:.3g} KiB"
+    g = n / 2**30
+    return f"{g:,.0f} GiB" if g >= 100 else f"{g:.3g} GiB"
 
 
 def check_fits(need: MemoryNeed, device: torch.device, what: str) -> None:

@@ -35,7 +35,7 @@ class BackendError(ValueError):
 
 
 def _choice() -> str:
-    choice = os.environ.get("FUSIONGUARD_TRITON", "auto")
+    choice = os.environ.get("FUSIONGUARD_TRITON") or "auto"  # set but empty: auto
     if choice not in BACKENDS:
         raise BackendError(
             f"FUSIONGUARD_TRITON={choice!r}: expected one of {', '.join(BACKENDS)} "
