@@ -155,7 +155,9 @@ def _check_sizes(args, config: Qwen3Config, device: torch.device | None) -> None
     check_fits(
         need,
         device,
-        f"{config.source} ({args.dtype}) with --batch-size {args.batch_size}, --prompt-len "
+        f"{config.source} ({config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+        f"intermediate {config.intermediate_size}, vocab {config.vocab_size}; {args.dtype}) "
+        f"with --batch-size {args.batch_size}, --prompt-len "
         f"{args.prompt_len}, --max-new-tokens {args.max_new_tokens}"
         + (f", --tp {args.tp} (per rank)" if args.tp > 1 else ""),
     )
