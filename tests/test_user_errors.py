@@ -42,7 +42,7 @@ GPU_RUN = ROOT / "tests" / "data" / "tp2_gate_run.json.gz"
 H100_BASELINE = ROOT / "perf_baselines" / "nvidia-h100-80gb-hbm3" / "baseline.json"
 
 
-# --- Helpers ----------------------------------------------------------------------------------
+# --- Running the commands --------------------------------------------------------------------
 
 
 def _peak_kb() -> int:
