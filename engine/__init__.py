@@ -79,7 +79,7 @@ def build(
             config, checkpoint, parallel, dtype=dtype, device=device, seed=seed, flags=flags
         )
     # Before the model is made: a config of a billion layers would grow the process unbounded.
-    check_fits(memory_need(config, dtype), device, f"{config.source}: the weights")
+    check_fits(memory_need(config, dtype), device, f"{config.source}: the model's weights")
     with on_meta(dtype):
         model = Qwen3ForCausalLM(config, FusionFlags.from_arg(flags))
     model.allocate(device)

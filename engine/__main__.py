@@ -203,13 +203,6 @@ def _generate(args, parallel: tp.Parallel, device: torch.device | None) -> int:
     on_gpu = torch.cuda.is_available()
     # Only rank 0 speaks (stdout, notes).
     say = print if parallel.rank == 0 else (lambda *a, **k: None)
-    if not on_gpu and args.config is None and args.checkpoint is None:
-        say(
-            "No CUDA GPU: Triton kernels run through the interpreter, which is slow; the 0.6B "
-            "default takes minutes per token here. For a quick run use the small architecture: "
-            f"--config {_shown_path(SMALL_CONFIG_PATH)}",
-            file=sys.stderr,
-        )
     with _user_errors(args.debug, parallel.rank):
         _check_sizes(args, _config(args), device)
         model = engine.build(
@@ -235,6 +228,15 @@ def _generate(args, parallel: tp.Parallel, device: torch.device | None) -> int:
             max_seq_len=cache_positions(args.prompt_len, args.max_new_tokens),
             cuda_graph=cuda_graph,
         )
+    if not on_gpu:
+        hint = "No CUDA GPU: Triton kernels run through the interpreter (slow; its timings mean "
+        hint += "nothing)."
+        if args.config is None and args.checkpoint is None:
+            hint += (
+                " The 0.6B default takes minutes per token here; for a quick run use the small "
+                f"architecture: --config {_shown_path(SMALL_CONFIG_PATH)}"
+            )
+        say(hint, file=sys.stderr)
     generator = torch.Generator(device=model.device).manual_seed(args.seed)
     prompt = torch.randint(
         0,

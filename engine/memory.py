@@ -108,5 +108,5 @@ def check_fits(need: MemoryNeed, device: torch.device, what: str) -> None:
     free = available_bytes(device)
     if need.total > free:
         raise MemoryFitError(
-            f"{what} needs {gib(need.total)} ({need.describe()}) but {device} has {gib(free)} free"
+            f"{what}: {gib(need.total)} needed ({need.describe()}), {gib(free)} free on {device}"
         )

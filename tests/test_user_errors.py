@@ -138,7 +138,7 @@ def test_a_config_of_a_billion_layers_fails_at_once_saying_what_it_needs_and_has
     config = _write_config(tmp_path, num_hidden_layers=1_000_000_000)
     result = _process("engine", "--config", str(config))
     line = _assert_one_line_error(
-        result.returncode, result.stderr, 2, [str(config), "1000000000 layers", "needs", "free"]
+        result.returncode, result.stderr, 2, [str(config), "1000000000 layers", "needed", "free"]
     )
     assert "weights" in line
 
@@ -149,7 +149,7 @@ def test_a_batch_of_a_billion_fails_before_allocating_saying_what_it_needs(capsy
         engine_main,
         ["--config", str(SMALL_CONFIG_PATH), "--batch-size", "1000000000"],
         2,
-        ["--batch-size 1000000000", "needs", "KV cache", "free"],
+        ["--batch-size 1000000000", "needed", "KV cache", "free"],
     )
     assert "GiB" in line
 
@@ -434,8 +434,8 @@ ENGINE_ARGS = [
     ("batch-0", ["--batch-size", "0"], ["--batch-size"]),
     ("batch-negative", ["--batch-size", "-1"], ["--batch-size"]),
     ("batch-word", ["--batch-size", "two"], ["--batch-size"]),
-    ("batch-billion", ["--batch-size", "1000000000"], ["--batch-size 1000000000", "needs"]),
-    ("batch-10-million", ["--batch-size", "10000000"], ["--batch-size 10000000", "needs"]),
+    ("batch-billion", ["--batch-size", "1000000000"], ["--batch-size 1000000000", "needed"]),
+    ("batch-10-million", ["--batch-size", "10000000"], ["--batch-size 10000000", "needed"]),
     ("dtype-float64", ["--dtype", "float64"], ["--dtype", "float64"]),
     ("dtype-int8", ["--dtype", "int8"], ["--dtype"]),
     ("fusions-unknown", ["--fusions", "bogus"], ["bogus"]),
@@ -644,10 +644,10 @@ PROFILING_ARGS = [
     ("rounds-word", ["--rounds", "x"], 2, ["--rounds"]),
     ("batches-0", ["--batches", "0"], 2, ["--batches"]),
     ("batches-word", ["--batches", "x"], 2, ["--batches"]),
-    ("batches-billion", ["measure", "--batches", "1000000000"], 2, ["--batches up to", "needs"]),
+    ("batches-billion", ["measure", "--batches", "1000000000"], 2, ["--batches up to", "needed"]),
     ("layers-0", ["--layers", "0"], 2, ["--layers"]),
     ("layers-negative", ["--layers", "-1"], 2, ["--layers"]),
-    ("layers-billion", ["measure", "--layers", "1000000000"], 2, ["(--layers)", "needs"]),
+    ("layers-billion", ["measure", "--layers", "1000000000"], 2, ["(--layers)", "needed"]),
     ("prompt-len-0", ["--prompt-len", "0"], 2, ["--prompt-len"]),
     ("prompt-len-past-positions", ["measure", "--prompt-len", "1000"], 2, ["--prompt-len 1000"]),
     ("new-tokens-past-positions", ["report", "--new-tokens", "500"], 2, ["--new-tokens 500"]),
@@ -850,3 +850,30 @@ def test_the_replay_holds_150_bad_inputs():
         + len(PROCESSES)
     )
     assert count >= 150, count
+
+
+# --- The memory estimate --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_the_memory_estimate_counts_every_weight_and_cache_byte_the_engine_allocates(tied):
+    from engine.memory import memory_need
+
+    config = small_config(tie_word_embeddings=tied, num_hidden_layers=3)
+    model = engine.build(config, dtype=torch.float16, device="cpu")
+    batch, seq = 3, 20
+    runner = engine.Runner(model, max_batch_size=batch, max_seq_len=seq)
+    need = memory_need(config, torch.float16, batch=batch, seq_len=seq, prompt_len=seq)
+    weights = {p.data_ptr(): p.numel() * p.element_size() for p in model.parameters()}
+    assert need.weights == sum(weights.values())
+    caches = [(a.k_cache, a.v_cache) for a in (layer.self_attn for layer in model.model.layers)]
+    assert need.kv_cache == sum(t.numel() * t.element_size() for kv in caches for t in kv)
+    assert need.rope_tables == sum(t.numel() * t.element_size() for t in model.buffers())
+    assert runner.max_seq_len == seq
+
+
+def test_building_a_model_that_cannot_fit_fails_before_it_is_made():
+    from engine.memory import MemoryFitError
+
+    with pytest.raises(MemoryFitError, match=r"<small>: the model's weights: .* GiB needed"):
+        engine.build(small_config(num_hidden_layers=10**9), dtype=torch.float32, device="cpu")
