@@ -1,5 +1,5 @@
 """``python -m engine``: generate with the embedded Qwen3-0.6B default (random weights) or a
-checkpoint, and print decode tokens/s.
+checkpoint, and print prefill and decode tokens/s.
 
     python -m engine                                # default fusions, eager
     python -m engine --fusions none --cuda-graph    # every step unfused, CUDA graphs
@@ -47,10 +47,23 @@ from engine.timing import decode_rate, sync
 from kernels.runtime import check_backend
 
 
+def _shown_path(path) -> str:
+    """``path`` relative to the working directory where it is inside it."""
+    try:
+        relative = os.path.relpath(path)
+    except ValueError:  # another drive
+        return str(path)
+    return str(path) if relative.startswith("..") else relative
+
+
 def _parse(argv):
-    p = argparse.ArgumentParser(prog="python -m engine", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m engine", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", help="local Hugging Face Qwen3 folder (*.safetensors)")
-    p.add_argument("--config", help="an HF Qwen3 config.json (default: Qwen3-0.6B)")
+    p.add_argument(
+        "--config",
+        help="an HF Qwen3 config.json (default: Qwen3-0.6B; "
+        f"{_shown_path(SMALL_CONFIG_PATH)}: a 2-layer model that runs in seconds on a CPU)",
+    )
     p.add_argument(
         "--fusions",
         default="default",
@@ -188,15 +201,6 @@ def main(argv=None) -> int:
     finally:
         if parallel.sharded and dist.is_initialized():
             dist.destroy_process_group()
-
-
-def _shown_path(path) -> str:
-    """``path`` relative to the working directory where it is inside it."""
-    try:
-        relative = os.path.relpath(path)
-    except ValueError:  # another drive
-        return str(path)
-    return str(path) if relative.startswith("..") else relative
 
 
 def _generate(args, parallel: tp.Parallel, device: torch.device | None) -> int:
