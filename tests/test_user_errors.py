@@ -455,6 +455,15 @@ ENGINE_ARGS = [
         ["--max-new-tokens 100", "max_position_embeddings"],
     ),
     ("checkpoint-missing", ["--checkpoint", "/nonexistent/ckpt"], ["/nonexistent/ckpt"]),
+    ("checkpoint-a-file", ["--checkpoint", str(SMALL_CONFIG_PATH)], [str(SMALL_CONFIG_PATH)]),
+    ("tp-not-world-size", ["--tp", "2"], ["--tp 2", "world size is 1"]),
+    ("tp-not-dividing-heads", ["--tp", "3"], ["num_attention_heads", "--tp 3"]),
+    (
+        "fusions-alternatives",
+        ["--fusions", "add_rms_norm,down_proj_residual"],
+        ["add_rms_norm", "down_proj_residual"],
+    ),
+    ("fusions-tp-only", ["--fusions", "all_reduce_residual"], ["all_reduce_residual"]),
 ]
 
 
@@ -814,6 +823,14 @@ PROCESSES = [
         ["report"],
         {"FUSIONGUARD_TRITON": " auto"},
         ["' auto'"],
+    ),
+    ("engine-world-size-word", "engine", [], {"WORLD_SIZE": "x"}, ["WORLD_SIZE='x'"]),
+    (
+        "profiling-world-size-word",
+        "profiling",
+        ["measure"],
+        {"WORLD_SIZE": "x"},
+        ["WORLD_SIZE='x'"],
     ),
 ]
 
