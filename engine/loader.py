@@ -131,6 +131,7 @@ def load_checkpoint(
                         f"tensor {name!r} appears in both {loaded[name]} and {path}"
                     )
                 tensor = _get_tensor(f, name, path)
+                _check_finite(tensor, targets[name].dtype, name, path)
                 if shard is not None:
                     full = shard.full_shape(name, tuple(targets[name].shape))
                     _check_shape(tensor, full, name, path)
@@ -154,14 +155,12 @@ def _check_shape(tensor: torch.Tensor, shape: tuple, name: str, path: Path) -> N
         )
 
 
-def _copy_checked(target: torch.Tensor, tensor: torch.Tensor, name: str, path: Path) -> None:
-    _check_shape(tensor, tuple(target.shape), name, path)
+def _check_finite(tensor: torch.Tensor, dtype: torch.dtype, name: str, path: Path) -> None:
+    """A NaN or inf weight, in the file or once cast to the model's ``dtype``, would decode
+    garbage with no error. Checked on the whole tensor, before a tensor-parallel rank takes
+    its part (every rank then fails alike)."""
     if tensor.dtype not in LOADABLE_DTYPES:
-        raise CheckpointError(
-            f"tensor {name!r} in {path} has dtype {tensor.dtype}; loadable: bfloat16, float16, "
-            "float32 (cast to the model dtype)"
-        )
-    # A NaN or inf weight would decode garbage with no error; one pass over the file's data.
+        return  # refused by _copy_checked, naming the dtype
     finite = torch.isfinite(tensor)
     if not bool(finite.all()):
         bad = int((~finite).sum())
@@ -170,12 +169,22 @@ def _copy_checked(target: torch.Tensor, tensor: torch.Tensor, name: str, path: P
             f"tensor {name!r} in {path} holds {bad} NaN or inf value(s) (the first at index "
             f"{first}): the checkpoint is corrupt"
         )
-    target.copy_(tensor)
-    if not bool(torch.isfinite(target).all()):  # finite in the file, out of the model's range
+    narrower = torch.finfo(dtype).max < torch.finfo(tensor.dtype).max
+    if narrower and not bool(torch.isfinite(tensor.to(dtype)).all()):
         raise CheckpointError(
-            f"tensor {name!r} in {path} overflows {target.dtype} (values beyond its range "
-            "become inf): load it in a wider --dtype"
+            f"tensor {name!r} in {path} overflows {dtype} (values beyond its range become "
+            "inf): load it in a wider --dtype"
         )
+
+
+def _copy_checked(target: torch.Tensor, tensor: torch.Tensor, name: str, path: Path) -> None:
+    _check_shape(tensor, tuple(target.shape), name, path)
+    if tensor.dtype not in LOADABLE_DTYPES:
+        raise CheckpointError(
+            f"tensor {name!r} in {path} has dtype {tensor.dtype}; loadable: bfloat16, float16, "
+            "float32 (cast to the model dtype)"
+        )
+    target.copy_(tensor)
 
 
 @torch.no_grad()
