@@ -12,17 +12,12 @@ the CUDA graph is captured), then a timed prefill, then --rounds timed runs of t
 steps from the same context (engine.timing.decode_rate, as the profiling suite times decode);
 the decode figure is their median.
 
-Exit codes: 0 ok, 2 user error (bad argument, config or checkpoint; a --tp that does not divide
-the heads or the MLP, or that is not the world size; a model, KV cache or batch that cannot fit
-in the device's free memory; an unknown FUSIONGUARD_TRITON, or compiled kernels without a GPU).
-A user error prints one line ``error: <message>`` naming the argument, field or file, without
-a traceback; --debug re-raises it with its traceback. Any other exception is a bug and raises
-as usual.
+Exit codes: docs/definitions.md, "Exit codes" (0 ok, 2 user error). --debug re-raises a user
+error with its traceback; any other exception is a bug and raises as usual.
 
 With --tp N (under torchrun: WORLD_SIZE, RANK, LOCAL_RANK from its environment) each process
 runs one rank's shard (engine/parallel.py): gloo on CPU, nccl on CUDA (one GPU per rank).
-Only rank 0 prints; every rank checks the same inputs, so its errors are everyone's. The exit
-codes above are each process's; torchrun itself exits 1 when any rank fails.
+Only rank 0 prints; every rank checks the same inputs, so its errors are everyone's.
 """
 
 from __future__ import annotations

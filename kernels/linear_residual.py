@@ -50,8 +50,11 @@ from kernels.runtime import INTERPRETING, pdl_options, pdl_supported
 
 KERNEL = "linear_residual"
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-# Untuned shapes take the Triton GEMV path up to this many rows, cuBLAS above.
+# Untuned shapes take the Triton GEMV path up to this many rows, cuBLAS above; from 5 rows
+# cuBLAS also takes weights of this many elements or more (its GEMM streams a large weight
+# faster than the GEMV's tl.dot tiles: on the H200 at M=8, 13.9 vs 16.8 µs at 4096 x 4096).
 GEMV_MAX_M = 16
+CUBLAS_MIN_WEIGHT = 1 << 23
 
 # --------------------------------------------------------------------------------------------
 # Triton kernel
@@ -285,9 +288,16 @@ def heuristic_config(M: int, N: int, K: int, dtype: torch.dtype) -> Config:
         return Config("gemv", 64, block_n, min(k_pow2, (1 << 20) // block_n), dot=True)
     if M > GEMV_MAX_M:
         return Config("cublas")
-    # The shapes of the H100 tuning generalised: each program's K slice is one tile, so its
-    # whole weight slice is in flight before the PDL wait; multiply-reduce up to M=4,
-    # tl.dot on [16, 32] tiles above.
+    if M > 4 and N * K >= CUBLAS_MIN_WEIGHT:
+        return Config("cublas")
+    if M == 1:
+        # What tuning chose on the H100 and the H200 alike: the whole K row in one tile up to
+        # 4096 columns (one slice: every weight byte in flight before the PDL wait), 2048-column
+        # slices beyond; 2 output rows a program below N = 2048, 4 from there.
+        block_k = k_pow2 if k_pow2 <= 4096 else 2048
+        return Config("gemv", 1, 2 if N < 2048 else 4, block_k, pdl=True, split_k=cdiv(K, block_k))
+    # Multiply-reduce up to M=4, tl.dot on [16, 32] tiles above; each program's K slice is
+    # one tile.
     if M <= 4:
         block_k = min(k_pow2, 2048)
         return Config(

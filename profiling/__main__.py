@@ -9,20 +9,15 @@
     python -m profiling measure --out DIR         one run of the gate's stages (DIR/run.json)
     python -m profiling bench [--save] [-k ...]   pytest-benchmark kernel benchmarks vs the
                                                   saved run (other arguments go to pytest)
+    python -m profiling onboard [--force]         a new GPU model: tune its launch tables,
+                                                  record both baselines, run the gate
     --size 0.6b|1.7b|4b|8b                        the Qwen3 architecture (random weights)
     torchrun --nproc-per-node N -m profiling [--tp N] report|gate|record|measure ...
                                                   the same stages on N tensor-parallel ranks
                                                   (baseline perf_baselines/<gpu-slug>/tpN/)
 
-Exit codes, every command: 0 pass (report: written, and its comparison passed or there is
-nothing to compare on a CPU), 1 fail (the gate, the report's comparison, a benchmark
-regression), 2 usage or environment error (bad arguments; gate, record and bench on a machine
-without a CUDA GPU; an --out or --root that cannot be written, checked before measuring; a
---combine run that is not a run; a model or batch that cannot fit in memory; an unknown
-FUSIONGUARD_TRITON), 3 no usable baseline (missing, malformed, another GPU model, another
-model, plan or set of fusions). On a GPU a baseline is validated before anything is measured;
-a missing baseline is never a pass (the report is still written, then exit 3). Without a GPU
-no baseline is read: the report compares nothing. A usage or environment error is one line
+Exit codes (0 pass, 1 fail, 2 usage or environment error, 3 no usable baseline): their
+rules are in docs/definitions.md, "Exit codes". A usage or environment error is one line
 ``error: ...`` naming the argument, variable or file; --debug shows its traceback.
 
 Without a GPU the report runs a small 2-layer, hidden-64 model (engine.config.SMALL) through
@@ -211,6 +206,8 @@ def cmd_report(args) -> int:
         return EXIT_NO_BASELINE
     if not HAS_GPU:
         print(CPU_NOTE)
+    else:
+        _untuned_note()
     model = build_model(args)
     plan = plan_from(args)
     seed = _seed(args)
@@ -297,11 +294,21 @@ def _need_gpu(what: str) -> bool:
     return False
 
 
+def _untuned_note() -> None:
+    """On a GPU with no tuned table for some kernel: one line naming the onboarding command."""
+    from profiling.onboard import untuned_note
+
+    note = untuned_note()
+    if note and RANKS.root:
+        print(note, file=sys.stderr)
+
+
 def cmd_gate(args) -> int:
     from profiling.gate import run_gate
 
     if not _need_gpu("the gate"):
         return EXIT_USAGE
+    _untuned_note()
     started = time.perf_counter()
     baseline, problem = _load_baseline(args.root)
     if problem is not None:
@@ -411,6 +418,7 @@ def cmd_record(args) -> int:
     elif not _need_gpu("record"):
         return EXIT_USAGE
     else:
+        _untuned_note()
         runs = _runs_for_record(args)
         if not RANKS.root:
             return EXIT_OK
@@ -457,6 +465,7 @@ def cmd_bench(args) -> int:
         return EXIT_USAGE
     if not _need_gpu("benchmarks"):
         return EXIT_USAGE
+    _untuned_note()
     if args.save:
         rc = _pytest([*baselines.pytest_benchmark_save_args(root=args.root), *args.pytest_args])
         return EXIT_FAIL if rc else EXIT_OK
@@ -466,6 +475,17 @@ def cmd_bench(args) -> int:
         print(f"KERNEL MEDIANS NOT COMPARED: {exc}", file=sys.stderr)
         return EXIT_NO_BASELINE
     return EXIT_FAIL if _pytest([*compare_args, *args.pytest_args]) else EXIT_OK
+
+
+def cmd_onboard(args) -> int:
+    from profiling.onboard import onboard
+
+    if RANKS.sharded:
+        print("error: onboard runs in one process: start it without torchrun", file=sys.stderr)
+        return EXIT_USAGE
+    if not _need_gpu("onboarding"):
+        return EXIT_USAGE
+    return onboard(root=Path(args.root), force=args.force, retune=args.retune)
 
 
 # --------------------------------------------------------------------------------------------
@@ -502,7 +522,7 @@ def parser() -> argparse.ArgumentParser:
         "command",
         nargs="?",
         default="report",
-        choices=("report", "gate", "record", "measure", "bench"),
+        choices=("report", "gate", "record", "measure", "bench", "onboard"),
     )
     p.add_argument(
         "--out",
@@ -532,7 +552,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--force",
         action="store_true",
-        help="record: replace a baseline of another model, plan or set of fusions",
+        help="record: replace a baseline of another model, plan or set of fusions; "
+        "onboard: record both baselines anew",
+    )
+    p.add_argument(
+        "--retune", action="store_true", help="onboard: tune buckets this GPU's tables hold too"
     )
     p.add_argument("--save", action="store_true", help="bench: save the run as the baseline")
     p.add_argument(
@@ -609,7 +633,7 @@ def _check_before_measuring(args) -> None:
         _check_writable_folder(args.out, "--out")
     elif args.command == "measure":
         _check_writable_folder("run", "--out (default run)")
-    if args.command == "record" and HAS_GPU:
+    if args.command in ("record", "onboard") and HAS_GPU:
         _check_writable_folder(args.root, "--root")
     if args.command in ("report", "measure", "record") and not args.combine:
         _check_sizes(args)
@@ -712,6 +736,7 @@ def _run_command(args) -> int:
         "record": cmd_record,
         "measure": cmd_measure,
         "bench": cmd_bench,
+        "onboard": cmd_onboard,
     }
     try:
         return commands[args.command](args)

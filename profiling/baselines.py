@@ -28,29 +28,17 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 BASELINE_ROOT = REPO_ROOT / "perf_baselines"
 BASELINE_FILE = "baseline.json"
 BASELINE_SCHEMA = "fusionguard-baseline/2"
-RECORD_COMMAND = "python -m profiling record   (tox -e record) on this GPU, then commit it"
+RECORD_COMMAND = (
+    "python -m profiling record   (tox -e record) on this GPU, then commit it (a GPU model "
+    "with no tuned tables either: python -m profiling onboard)"
+)
 
 KERNEL_RATIO_FLOOR, KERNEL_RATIO_CAP = 0.02, 0.04
 TOK_S_FLOOR, TOK_S_CAP = 0.04, 0.10
 SPEEDUP_FLOOR_ABS, SPEEDUP_GAIN_SHARE, SPEEDUP_GAIN_CAP = 0.005, 0.30, 0.45
 CROSS_PROCESS_FACTOR = 1.25
-TOLERANCE_RULES = (
-    "A baseline combines one or more runs in separate processes (record --processes N, or "
-    "--combine): each figure is the median over runs, and its spread is the larger of 4 x "
-    "the MAD of its rounds within a run and 1.25 x its largest deviation across runs from "
-    "that median (a figure varies more between processes, e.g. with where its weights were "
-    "allocated, than within one). Launches: exact and equal in every run; kernels per step "
-    "(total, memcpy, memset) and each segment's instances and kernels per instance may not "
-    "rise. Kernel time ratio fused/reference: tolerance = min(0.04, max(0.02, spread, "
-    "relative)), fail when ratio > stored * (1 + tolerance): a 5% slower fused step fails. "
-    "Default variant tok/s: tolerance = min(0.10, max(0.04, spread)), fail below stored * "
-    "(1 - tolerance). Speed-up on/off, gain = speed-up - 1: tolerance = min(0.45 * gain, "
-    "max(0.005, spread, 0.30 * gain)), floor = speed-up - tolerance (above 1 + gain/2: losing "
-    "half the gain fails); a speed-up whose gain is not above twice its spread is stored as "
-    "not gated, with the reason. Numerics: the rule of profiling/numerics.py, not stored. "
-    "Every tolerance is positive; kernel-ratio and tok/s tolerances (relative) are <= 0.10, "
-    "speed-up tolerances (in speed-up units) <= 0.45 x the gain."
-)
+# Written into every baseline; the rules themselves live in one place only.
+TOLERANCE_RULES = 'docs/definitions.md, "Tolerances"'
 
 
 class BaselineError(Exception):
@@ -710,7 +698,8 @@ def kernel_benchmark_file(slug: str | None = None, *, root: str | Path = BASELIN
     if not saved:
         raise BaselineMissing(
             f"no pytest-benchmark baseline under {folder}/<machine-id>/: record one with "
-            f"python -m profiling bench --save   on this GPU"
+            f"python -m profiling bench --save   on this GPU (or onboard it: python -m "
+            f"profiling onboard)"
         )
     return saved[-1]
 

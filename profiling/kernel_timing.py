@@ -23,11 +23,19 @@ from typing import Any
 
 import torch
 
+from engine.config import QWEN3_SIZES
 from engine.program import Fusion, call_fused, draw_inputs, external_reads, run_unfused, span_ops
 from profiling.ranks import aligner
 
 LAYERS = 28
 REFERENCE_UNFUSED = "unfused"
+DEFAULT_SIZE = "0.6b"
+
+
+def bench_sizes(fusion: Fusion) -> list[str]:
+    """The Qwen3 sizes the kernel benchmark times ``fusion`` at (and onboarding tunes): every
+    dense size for a fusion with a one-launch peer to beat, the default model's otherwise."""
+    return list(QWEN3_SIZES) if fusion.peers else [DEFAULT_SIZE]
 
 
 class GraphChain:

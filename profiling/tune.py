@@ -3,8 +3,11 @@ GPU, and write the tables the kernels read (kernels/configs/<kernel>/<gpu-slug>.
 
     python -m profiling.tune                         # every fusion, default model, buckets 1 8
     python -m profiling.tune --fusions o_proj_residual --sizes 0.6b 8b --buckets 1 8 64
+    python -m profiling.tune --missing               # only what this GPU's tables lack
 
-Each candidate is timed as the gate times kernels (profiling/kernel_timing.py: distinct
+Candidates are first compiled in parallel worker processes (``--jobs``): Triton's on-disk
+cache then serves the timing process, which times them one after another. Each candidate is
+timed as the gate times kernels (profiling/kernel_timing.py: distinct
 weights chained in one CUDA graph); the four fastest are timed again with more rounds, and the
 winner must pass the numerics rule before it is written. Nothing autotunes at run time.
 Buckets and shapes not tuned in a run keep their committed entries.
@@ -13,11 +16,16 @@ Buckets and shapes not tuned in a run keep their committed entries.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import importlib
 import itertools
 import json
+import multiprocessing
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -25,7 +33,7 @@ import triton
 
 from engine import fusions as registry
 from engine.config import QWEN3_SIZES, qwen3_config
-from engine.program import span_ops
+from engine.program import call_fused, draw_inputs, span_ops
 from engine.qwen3 import Qwen3ForCausalLM
 from kernels import tuning
 from kernels.launch_checks import next_pow2
@@ -37,7 +45,7 @@ from profiling.numerics import check_fusion
 def _linear_residual(M: int, N: int, K: int):
     from kernels.linear_residual import Config
 
-    out = [Config("cublas")] if M >= 16 else []
+    out = [Config("cublas")] if M > 4 else []
     # K slices of 512-4096 columns, as many as cover K: K = 3072 splits 3 x 1024 or 6 x 512,
     # not 4 x 1024 with the last slice empty (or 2 x 2048 with a quarter of each tile masked).
     for slice_k in sorted({min(next_pow2(K), s) for s in (512, 1024, 2048, 4096)}):
@@ -79,6 +87,17 @@ CANDIDATES = {
 }
 
 
+def tunable(fusion) -> bool:
+    """Whether ``fusion``'s kernel has a tuned launch table (tuning candidates)."""
+    return fusion.kernel in CANDIDATES
+
+
+def untuned_kernels() -> list[str]:
+    """The tunable kernels with no table for this GPU model (they run their heuristics)."""
+    kernels = sorted({f.kernel for f in registry.all_fusions() if tunable(f)})
+    return [k for k in kernels if not tuning.table_path(k).exists()]
+
+
 def _kernel_shape(fusion, ops, config) -> tuple[int, int]:
     """(N, K) the kernel's table is keyed by: its weight's shape (the swiglu kernel: I, K)."""
     weight = next(r for op in ops for r in op.reads if r.kind == "param" and len(r.dims) == 2)
@@ -88,9 +107,61 @@ def _kernel_shape(fusion, ops, config) -> tuple[int, int]:
     return (N // 2, K) if fusion.kernel == "rms_norm_swiglu" else (N, K)
 
 
-def tune_fusion(fusion, config, buckets, dtype, log) -> tuple[dict, dict, tuple[int, int]]:
+def _program(config):
     with torch.device("meta"):
-        program = Qwen3ForCausalLM(config.replace(num_hidden_layers=1)).program()
+        return Qwen3ForCausalLM(config.replace(num_hidden_layers=1)).program()
+
+
+def tuned_buckets(fusion, config, dtype_name: str) -> set[int]:
+    """The buckets this GPU's table already holds a tuning result for (kept or heuristic)."""
+    N, K = _kernel_shape(fusion, span_ops(_program(config), fusion), config)
+    path = tuning.table_path(fusion.kernel)
+    table = json.loads(path.read_text()) if path.exists() else {}
+    timings = table.get("timings", {}).get(f"{N}x{K}", {}).get(dtype_name, {})
+    return {int(b) for b in timings}
+
+
+def _candidates(fusion, config, M: int, dtype: torch.dtype) -> list:
+    """The configurations a bucket times: the kernel's candidates, then its heuristic."""
+    N, K = _kernel_shape(fusion, span_ops(_program(config), fusion), config)
+    kernel = importlib.import_module(f"kernels.{fusion.kernel}")
+    return [*CANDIDATES[fusion.kernel](M, N, K), kernel.heuristic_config(M, N, K, dtype)]
+
+
+def _compile_one(job: tuple) -> None:
+    """In a worker: one call of the fused step with one configuration, which compiles it into
+    Triton's on-disk cache (a configuration that fails is skipped here and logged later)."""
+    name, size, M, dtype_name, cfg = job
+    fusion, config, dtype = registry.get(name), qwen3_config(size), getattr(torch, dtype_name)
+    ops = span_ops(_program(config), fusion)
+    inputs = draw_inputs(ops, config, M, dtype, "cuda")
+    with contextlib.suppress(Exception), tuning.use_config(fusion.kernel, cfg):
+        call_fused(fusion, ops, inputs)
+        torch.cuda.synchronize()
+
+
+def precompile(work: list[tuple], dtype_name: str, jobs: int, log) -> None:
+    """Compile every candidate of ``work`` ((fusion, size, buckets) triples) in ``jobs``
+    processes."""
+    dtype = getattr(torch, dtype_name)
+    todo = [
+        (fusion.name, size, M, dtype_name, cfg)
+        for fusion, size, buckets in work
+        for M in buckets
+        for cfg in _candidates(fusion, qwen3_config(size), M, dtype)
+    ]
+    if jobs <= 1 or not todo:
+        return
+    started = time.perf_counter()
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(min(jobs, len(todo)), mp_context=context) as pool:
+        list(pool.map(_compile_one, todo))
+    took = time.perf_counter() - started
+    log(f"compiled {len(todo)} configurations in {jobs} processes in {took:.0f} s")
+
+
+def tune_fusion(fusion, config, buckets, dtype, log) -> tuple[dict, dict, tuple[int, int]]:
+    program = _program(config)
     ops = span_ops(program, fusion)
     N, K = _kernel_shape(fusion, ops, config)
     kernel = importlib.import_module(f"kernels.{fusion.kernel}")
@@ -149,41 +220,62 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", nargs="*", default=["0.6b"], choices=list(QWEN3_SIZES))
     p.add_argument("--buckets", nargs="*", type=int, default=[1, 8])
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument(
+        "--missing",
+        action="store_true",
+        help="skip the buckets this GPU's table already holds a result for (resume a run)",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=min(8, os.cpu_count() or 1),
+        help="processes that compile the candidates first (1: compile while timing)",
+    )
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("profiling.tune needs a CUDA GPU: tuned tables come from real runs")
         return 2
     dtype = getattr(torch, args.dtype)
+    log = lambda s: print(s, flush=True)
+    work = []
     for name in args.fusions:
         fusion = registry.get(name)
-        if fusion.kernel not in CANDIDATES:
+        if not tunable(fusion):
             print(f"{name}: kernel {fusion.kernel} has no tuning candidates: skipped")
             continue
         for size in args.sizes:
-            configs, timings, (N, K) = tune_fusion(
-                fusion, qwen3_config(size), args.buckets, dtype, lambda s: print(s, flush=True)
-            )
-            path = args.out / fusion.kernel / f"{gpu_slug()}.json"
-            table = json.loads(path.read_text()) if path.exists() else {}
-            table.update(
-                gpu=gpu_name(),
-                gpu_slug=gpu_slug(),
-                torch=torch.__version__,
-                triton=triton.__version__,
-                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                method="median us per call, distinct weights chained in one CUDA graph",
-            )
-            key = f"{N}x{K}"
-            table.setdefault("configs", {}).setdefault(key, {}).setdefault(args.dtype, {})
-            table["configs"][key][args.dtype].update(configs)
-            for bucket, timing in timings.items():
-                if timing.get("kept") == "heuristic":
-                    table["configs"][key][args.dtype].pop(bucket, None)
-            table.setdefault("timings", {}).setdefault(key, {}).setdefault(args.dtype, {})
-            table["timings"][key][args.dtype].update(timings)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(table, indent=1) + "\n")
-            print(f"wrote {path} ({name}, {size})", flush=True)
+            buckets = args.buckets
+            if args.missing:
+                done = tuned_buckets(fusion, qwen3_config(size), args.dtype)
+                buckets = [b for b in buckets if b not in done]
+                if not buckets:
+                    print(f"{name} {size}: already tuned on this GPU", flush=True)
+                    continue
+            work.append((fusion, size, buckets))
+    precompile(work, args.dtype, args.jobs, log)
+    for fusion, size, buckets in work:
+        configs, timings, (N, K) = tune_fusion(fusion, qwen3_config(size), buckets, dtype, log)
+        path = args.out / fusion.kernel / f"{gpu_slug()}.json"
+        table = json.loads(path.read_text()) if path.exists() else {}
+        table.update(
+            gpu=gpu_name(),
+            gpu_slug=gpu_slug(),
+            torch=torch.__version__,
+            triton=triton.__version__,
+            date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            method="median us per call, distinct weights chained in one CUDA graph",
+        )
+        key = f"{N}x{K}"
+        table.setdefault("configs", {}).setdefault(key, {}).setdefault(args.dtype, {})
+        table["configs"][key][args.dtype].update(configs)
+        for bucket, timing in timings.items():
+            if timing.get("kept") == "heuristic":
+                table["configs"][key][args.dtype].pop(bucket, None)
+        table.setdefault("timings", {}).setdefault(key, {}).setdefault(args.dtype, {})
+        table["timings"][key][args.dtype].update(timings)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(table, indent=1) + "\n")
+        print(f"wrote {path} ({fusion.name}, {size})", flush=True)
     return 0
 
 

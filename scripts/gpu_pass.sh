@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# One pass on a GPU machine: run the named steps in order, each under its own time limit, logs
-# and outputs under $OUT/pass/, all packed into $OUT/pass.tar.gz after every step (the device
-# tool brings back only a few files; a pass cut short keeps what it finished).
+# A pass of steps on a GPU runner: run the named steps in order, each under its own time limit.
+# Every step's log and outputs go under $OUT/pass/ ($OUT: the output folder, default ./out),
+# and the whole folder is packed into one archive, $OUT/pass.tar.gz, after every step: one
+# file carries the whole pass off the machine, and a pass cut short keeps what it finished.
+# Afterwards, `python -m scripts.runs add <the unpacked pass/> --command "..."` appends the
+# pass's figures to results/runs.jsonl.
 #
 #   OUT=out FUSIONGUARD_COMMIT=<sha> bash scripts/gpu_pass.sh env check:120 record:200 proof:400
 #
@@ -16,6 +19,8 @@
 #                                                            e.g. "--fusions down_proj_residual
 #                                                            --sizes 0.6b 8b; --buckets 8"),
 #                                                            into the tree and configs/
+#   benchjson  the kernel benchmark, JSON kept      onboard  python -m profiling onboard (tables
+#              (BENCH_K: -k filter)                          and baselines come back too)
 #   bench    python -m profiling bench --save       ab       scripts.compare_trees $AB_BASE . (decode
 #                                                            tok/s of two trees, runs alternating)
 #   tp       (>= 2 GPUs) torchrun --nproc-per-node 2 -m profiling measure --size 8b, then the
@@ -31,9 +36,9 @@ OUT=${OUT:-out}
 STAGE="$OUT/pass"
 mkdir -p "$STAGE"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD MPLBACKEND=Agg
-# NVLink multicast stays off on every machine (shared GPUs): never let a library turn it on.
+# NVLink multicast stays off (GPUs may be shared with other jobs): never let a library turn it on.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-if ls .whl/*.whl >/dev/null 2>&1; then  # nvtx and friends are not on the runner: carried
+if ls .whl/*.whl >/dev/null 2>&1; then  # wheels shipped with the tree, for a runner offline
   python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD
 fi
@@ -63,7 +68,6 @@ for spec in "$@"; do
         tests/test_registry.py ;;
     tptests) TAILN=15 step tptests "$limit" python3 -m pytest -q -p no:cacheprovider -rs \
         tests/test_tensor_parallel.py tests/test_profiling_tp.py ;;
-    # Both halves run even when the first fails (a pass gathers all it can); rc: the worse.
     # tox -e gpu's three commands; each runs even when one before it fails (a pass gathers all
     # it can), each prints its time; rc: the worst.
     suite) TAILN=25 step suite "$limit" bash -c 'rc=0; for cmd in "pytest -q -p no:cacheprovider -m \"not bench and not timing\" -n auto -rs" "pytest -q -p no:cacheprovider -m timing -rs" "profiling gate"; do t=$SECONDS; eval python3 -m $cmd; r=$?; echo "--- python -m $cmd: rc=$r in $((SECONDS - t)) s"; [ $r -gt $rc ] && rc=$r; done; exit $rc' ;;
@@ -86,6 +90,29 @@ for spec in "$@"; do
         base=${bases[$((ab - 1))]:-${bases[-1]}}
         TAILN=12 step "ab$ab" "$limit" python3 -m scripts.compare_trees "$base" . \
         --runs "${AB_RUNS:-2}" --out "$STAGE/ab$ab.json" ;;
+    # The kernel benchmark without saving or comparing (BENCH_K: a -k filter), JSON kept.
+    benchjson) bj=$((${bj:-0} + 1))
+        TAILN=12 step "benchjson$bj" "$limit" python3 -m pytest -m bench -p no:cacheprovider -q \
+        ${BENCH_K:+-k "$BENCH_K"} --benchmark-json="$STAGE/bench$bj.json" ;;
+    # The same benchmark in a copy of the tree without this GPU's tuned tables: the heuristic.
+    benchheur) TAILN=12 step benchheur "$limit" bash -c 'rm -rf /tmp/heur && python3 -c "
+from pathlib import Path; import scripts.gate_proof as g; g.copy_tree(Path(\"/tmp/heur\"))" &&
+        rm -f /tmp/heur/kernels/configs/*/"$1".json && cd /tmp/heur &&
+        python3 -m pytest -m bench -p no:cacheprovider -q ${BENCH_K:+-k "$BENCH_K"} \
+        --benchmark-json="$0/bench-heuristic.json"' "$STAGE" "$SLUG" ;;
+    # A slowdown planted in the linear+residual kernel (PLANT_FMAS dependent FMAs per program)
+    # of a copy of the tree: the kernel benchmark compared with this GPU's saved run must fail.
+    benchplant) TAILN=30 step benchplant "$limit" bash -c 'rm -rf /tmp/plant && python3 -c "
+from pathlib import Path; import scripts.gate_proof as g; t = Path(\"/tmp/plant\"); g.copy_tree(t)
+p, apply = g._fma_plant(int(\"$1\")); f = t / p; f.write_text(apply(f.read_text()))" &&
+        cd /tmp/plant && python3 -m profiling bench --root "$0" -k "$2"' \
+        "$PWD/perf_baselines" "${PLANT_FMAS:-200}" "${PLANT_K:-o_proj_residual-0.6b}" ;;
+    # The engine CLI's decode figure next to profiling measure's, same GPU, same settings.
+    cli) TAILN=30 step cli "$limit" bash -c 'python3 -m engine --cuda-graph --prompt-len 16 \
+        --max-new-tokens 48 && python3 -m profiling measure --batches 1 --out "$0/measure-b1"' \
+        "$STAGE" ;;
+    onboard) TAILN=40 step onboard "$limit" python3 -m profiling onboard
+        cp -r kernels/configs "$STAGE/"; cp -r "$BASE" "$STAGE/baselines"; pack ;;
     bench) TAILN=20 step bench "$limit" python3 -m profiling bench --save
            # the saved pytest-benchmark JSON (per-call times, paths, peers) comes back too
            mkdir -p "$STAGE/bench" && cp -r "$BASE"/*-CPython-* "$STAGE/bench/" 2>/dev/null

@@ -1,34 +1,47 @@
-"""README.md's generated figures equal what scripts.measured_tables renders from the committed
-files they cite: a new baseline or report without a regenerated README fails here, and so does
-a README figure edited by hand."""
+"""docs/measured.md and README.md's generated blocks equal what scripts.measured_tables renders
+from the committed files they cite: a new baseline, report or line of results/runs.jsonl
+without regenerated documents fails here, and so does a figure edited by hand."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
+
 from scripts import measured_tables
 
 
-def test_the_readme_block_is_the_committed_files_rendered():
-    block = measured_tables.readme_block(measured_tables.README.read_text())
-    assert block is not None, "README.md lost its generated block (markers)"
-    assert block == measured_tables.render(), (
-        "README.md's measured tables differ from the files they cite: "
-        "python -m scripts.measured_tables --write"
+def test_docs_measured_is_the_committed_files_rendered():
+    assert measured_tables.MEASURED.read_text() == measured_tables.render_measured(), (
+        f"docs/measured.md differs from the files it cites: {measured_tables.WRITE}"
     )
 
 
-def test_a_changed_figure_changes_the_block(monkeypatch):
-    """The rendering reads the figures: a baseline whose batch-1 default moves renders anew."""
+@pytest.mark.parametrize("name", sorted(measured_tables.readme_blocks()))
+def test_the_readme_blocks_are_the_committed_files_rendered(name):
+    block = measured_tables.readme_block(measured_tables.README.read_text(), name)
+    assert block is not None, f"README.md lost its generated block {name!r} (markers)"
+    assert block == measured_tables.readme_blocks()[name], (
+        f"README.md's {name} differ from the files they cite: {measured_tables.WRITE}"
+    )
+
+
+def test_a_changed_figure_changes_what_is_rendered(monkeypatch):
+    """The rendering reads the figures: a moved baseline or a new suite run renders anew."""
     original = measured_tables._load
 
     def moved(name):
-        data = original(name)
+        data = json.loads(json.dumps(original(name)))
         if name == "baseline":
-            data = json.loads(json.dumps(data))
             data["e2e"]["b1"]["variants"]["default"]["median"] *= 0.9
+        if name == "runs":
+            last = [r for r in data if "suite" in r["figures"]][-1]
+            data.append({**last, "run": "later", "commit": "fedcba9"})
         return data
 
-    before = measured_tables.render()
+    page, blocks = measured_tables.render_measured(), measured_tables.readme_blocks()
     monkeypatch.setattr(measured_tables, "_load", moved)
-    assert measured_tables.render() != before
+    assert measured_tables.render_measured() != page
+    moved_blocks = measured_tables.readme_blocks()
+    assert all(moved_blocks[k] != blocks[k] for k in blocks)
+    assert "fedcba9" in moved_blocks["GPU suite status"]

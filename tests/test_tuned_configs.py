@@ -182,11 +182,11 @@ def test_use_config_forces_and_restores():
 
 
 @pytest.mark.parametrize("rows", [1, 4])
-def test_the_reported_path_is_the_one_the_fused_call_chooses(rows):
+def test_the_reported_path_is_the_one_the_fused_call_chooses(rows, device):
     """profiling.kernel_timing.fused_path (the "path" of the bench and the report) asks each
     two-path kernel's select_config exactly what the fused call asks it, and returns its
     answer; one-path kernels report "triton". Checked by recording select_config's arguments
-    in a real (interpreted) fused call."""
+    in a real fused call (interpreted on CPU, compiled on a GPU)."""
     import importlib
 
     from engine import fusions as registry
@@ -197,10 +197,10 @@ def test_the_reported_path_is_the_one_the_fused_call_chooses(rows):
     config = qwen3_config("0.6b").replace(num_hidden_layers=1)
     with torch.device("meta"):
         program = Qwen3ForCausalLM(config).program()
-    generator = torch.Generator().manual_seed(rows)
+    generator = torch.Generator(device=device).manual_seed(rows)
     for fusion in registry.all_fusions():
         ops = span_ops(program, fusion)
-        inputs = draw_inputs(ops, config, rows, torch.float32, "cpu", generator)
+        inputs = draw_inputs(ops, config, rows, torch.float32, device, generator)
         kernel = importlib.import_module(f"kernels.{fusion.kernel}")
         select = getattr(kernel, "select_config", None)
         if select is None:

@@ -60,8 +60,9 @@ def _assert_one_line_error(code: int, err: str, expected_code: int, names: list[
     """The exit code, no traceback, and one error line naming every piece of ``names``."""
     assert code == expected_code, err
     assert "Traceback" not in err, err
-    # argparse prints its usage lines before its one error line
-    lines = [x for x in err.splitlines() if x.strip() and not x.startswith(("usage:", " "))]
+    # argparse prints its usage lines before its one error line; "note:" lines inform
+    skip = ("usage:", " ", "note:")
+    lines = [x for x in err.splitlines() if x.strip() and not x.startswith(skip)]
     assert len(lines) == 1, err
     for name in names:
         assert name in lines[0], f"{name!r} not in {lines[0]!r}"
