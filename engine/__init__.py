@@ -23,6 +23,7 @@ import torch
 from engine.config import Qwen3Config, UnsupportedConfigError, default_config
 from engine.flags import FusionFlags
 from engine.loader import CheckpointError, load_checkpoint, load_config, random_init
+from engine.memory import check_fits, memory_need
 from engine.parallel import Parallel, build_sharded
 from engine.qwen3 import Qwen3ForCausalLM, on_meta
 from engine.runner import Runner
@@ -77,6 +78,8 @@ def build(
         return build_sharded(
             config, checkpoint, parallel, dtype=dtype, device=device, seed=seed, flags=flags
         )
+    # Before the model is made: a config of a billion layers would grow the process unbounded.
+    check_fits(memory_need(config, dtype), device, f"{config.source}: the model's weights")
     with on_meta(dtype):
         model = Qwen3ForCausalLM(config, FusionFlags.from_arg(flags))
     model.allocate(device)

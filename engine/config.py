@@ -21,6 +21,8 @@ from typing import Any
 import torch
 
 DEFAULT_CONFIG_PATH = Path(__file__).with_name("qwen3_0_6b.json")
+# SMALL below as an HF config.json, for `python -m engine --config` (a test keeps them equal).
+SMALL_CONFIG_PATH = Path(__file__).with_name("small_config.json")
 QWEN3_ARCHITECTURE = "Qwen3ForCausalLM"
 QWEN3_MODEL_TYPE = "qwen3"
 

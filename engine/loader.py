@@ -106,7 +106,7 @@ def load_checkpoint(
     Accepts one or several ``*.safetensors`` files (with ``model.safetensors.index.json`` when
     sharded). With tied embeddings ``lm_head.weight`` is normally absent (the LM head is the
     embedding); if present it is skipped. Raises CheckpointError naming the tensor and file for
-    a missing, unexpected, wrongly shaped or wrongly typed tensor.
+    a missing, unexpected, wrongly shaped or wrongly typed tensor, or one holding NaN or inf.
 
     ``shard``: a tensor-parallel rank's layout (engine.parallel.Parallel): each full tensor is
     checked against ``shard.full_shape(name, local shape)``, then ``shard.take(name, tensor)``
@@ -131,6 +131,7 @@ def load_checkpoint(
                         f"tensor {name!r} appears in both {loaded[name]} and {path}"
                     )
                 tensor = _get_tensor(f, name, path)
+                _check_finite(tensor, targets[name].dtype, name, path)
                 if shard is not None:
                     full = shard.full_shape(name, tuple(targets[name].shape))
                     _check_shape(tensor, full, name, path)
@@ -151,6 +152,28 @@ def _check_shape(tensor: torch.Tensor, shape: tuple, name: str, path: Path) -> N
         raise CheckpointError(
             f"tensor {name!r} in {path} has shape {tuple(tensor.shape)}; the config needs "
             f"{tuple(shape)}"
+        )
+
+
+def _check_finite(tensor: torch.Tensor, dtype: torch.dtype, name: str, path: Path) -> None:
+    """A NaN or inf weight, in the file or once cast to the model's ``dtype``, would decode
+    garbage with no error. Checked on the whole tensor, before a tensor-parallel rank takes
+    its part (every rank then fails alike)."""
+    if tensor.dtype not in LOADABLE_DTYPES:
+        return  # refused by _copy_checked, naming the dtype
+    finite = torch.isfinite(tensor)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        first = tuple(int(i) for i in (~finite).nonzero()[0])
+        raise CheckpointError(
+            f"tensor {name!r} in {path} holds {bad} NaN or inf value(s) (the first at index "
+            f"{first}): the checkpoint is corrupt"
+        )
+    narrower = torch.finfo(dtype).max < torch.finfo(tensor.dtype).max
+    if narrower and not bool(torch.isfinite(tensor.to(dtype)).all()):
+        raise CheckpointError(
+            f"tensor {name!r} in {path} overflows {dtype} (values beyond its range become "
+            "inf): load it in a wider --dtype"
         )
 
 

@@ -1,11 +1,16 @@
 """Input checks and launch arithmetic shared by the kernels' launchers. Cheap on purpose: they
 run on every eager decode step, so they compare attributes and never touch tensor data (no
-host sync)."""
+host sync).
+
+The Triton kernels have no backward: an input that requires grad while grad mode is on is an
+error naming it (run under ``torch.no_grad()`` or ``torch.inference_mode()``, or pass
+``t.detach()``), rather than an output silently cut from the autograd graph."""
 
 from __future__ import annotations
 
 import torch
 
+from kernels import runtime
 from kernels.runtime import INTERPRETING
 
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -23,6 +28,7 @@ def check_tensor(
     """Raise an error naming ``name`` unless ``t`` is a tensor that the kernel can take."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    check_no_grad(name, t)
     if dim is not None and t.dim() != dim:
         raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
     if dtypes is not None and t.dtype not in dtypes:
@@ -37,6 +43,21 @@ def check_tensor(
     return t
 
 
+def check_no_grad(name: str, t: torch.Tensor) -> None:
+    """The kernels have no backward: refuse an input that autograd would track."""
+    if t.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            f"{name} requires grad, but the Triton kernel has no backward: call it under "
+            f"torch.no_grad() or torch.inference_mode(), or pass {name}.detach()"
+        )
+
+
+def check_backend_setting() -> None:
+    """FUSIONGUARD_TRITON must name a backend (kernels.runtime)."""
+    if runtime.SETTING_ERROR is not None:
+        raise runtime.BackendError(runtime.SETTING_ERROR)
+
+
 def check_same_dtype(reference_name: str, reference: torch.Tensor, **others: torch.Tensor) -> None:
     for name, t in others.items():
         if t.dtype != reference.dtype:
@@ -48,14 +69,16 @@ def check_same_dtype(reference_name: str, reference: torch.Tensor, **others: tor
 
 def check_runnable_device(name: str, t: torch.Tensor) -> None:
     """Compiled kernels need CUDA tensors; the interpreter (no GPU) needs CPU tensors."""
+    check_backend_setting()
     if t.device.type == "cuda" and INTERPRETING:
         raise RuntimeError(
-            f"{name} is on CUDA but TRITON_INTERPRET=1 is set: unset it to run compiled kernels"
+            f"{name} is on CUDA but Triton runs interpreted (FUSIONGUARD_TRITON=interpreted or "
+            "TRITON_INTERPRET=1): set FUSIONGUARD_TRITON=compiled to run compiled kernels"
         )
     if t.device.type != "cuda" and not INTERPRETING:
         raise ValueError(
-            f"{name} is on {t.device}: the kernel needs CUDA tensors "
-            "(or TRITON_INTERPRET=1 set before importing kernels, to interpret on CPU)"
+            f"{name} is on {t.device}: compiled kernels need CUDA tensors (set "
+            "FUSIONGUARD_TRITON=interpreted before importing kernels, to interpret on CPU)"
         )
 
 

@@ -40,7 +40,14 @@ import triton.language as tl
 
 from kernels import gemv, tuning
 from kernels.gemv import load_weight_tile, mma
-from kernels.launch_checks import cdiv, check_32bit_indexing, next_pow2, overlaps
+from kernels.launch_checks import (
+    cdiv,
+    check_32bit_indexing,
+    check_backend_setting,
+    check_no_grad,
+    next_pow2,
+    overlaps,
+)
 from kernels.runtime import INTERPRETING
 
 KERNEL = "linear_residual"
@@ -326,9 +333,11 @@ def _check_inputs(x, residual, weight, residual_weight, out, names: tuple[str, s
     named = {xn: x, rn: residual, wn: weight}
     if out is not None:
         named["out"] = out
+    check_backend_setting()
     for name, t in named.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        check_no_grad(name, t)
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{xn} has dtype {x.dtype}; supported: bfloat16, float16, float32")
     for name, t in named.items():

@@ -10,6 +10,12 @@ Triton reads ``TRITON_INTERPRET`` when a kernel is decorated, so the setting is 
 once, when the ``kernels`` package is first imported (package initialisation runs before any
 of its modules, so no file has to import anything first). An explicit ``TRITON_INTERPRET``
 in the environment wins over ``auto``.
+
+A setting that is not one of these does not fail the import (a command line could not report
+it as one line then): the package runs as under ``auto`` and ``check_backend()`` raises
+BackendError naming it, as does every kernel launch (``launch_checks.check_runnable_device``).
+The command lines call ``check_backend()`` first, which also refuses compiled kernels on a
+machine without a CUDA GPU.
 """
 
 from __future__ import annotations
@@ -24,15 +30,27 @@ import torch
 BACKENDS = ("auto", "compiled", "interpreted")
 
 
+class BackendError(ValueError):
+    """FUSIONGUARD_TRITON names no backend, or one this machine cannot run."""
+
+
+def _choice() -> str:
+    choice = os.environ.get("FUSIONGUARD_TRITON") or "auto"  # set but empty: auto
+    if choice not in BACKENDS:
+        raise BackendError(
+            f"FUSIONGUARD_TRITON={choice!r}: expected one of {', '.join(BACKENDS)} "
+            "(or leave it unset: auto)"
+        )
+    return choice
+
+
 def select_backend() -> bool:
     """Decide compiled vs interpreted (True) from FUSIONGUARD_TRITON, before Triton decorates
     anything. Idempotent; the kernels package calls it first thing, and a test or program
     that imports Triton itself calls it before that import. Triton already imported in the
     other mode is an error, not a silent mix (its own library functions would be compiled-mode
     objects that the interpreter cannot call)."""
-    choice = os.environ.get("FUSIONGUARD_TRITON", "auto")
-    if choice not in BACKENDS:
-        raise ValueError(f"FUSIONGUARD_TRITON={choice!r}: expected one of {', '.join(BACKENDS)}")
+    choice = _choice()
     if choice == "auto":
         if "TRITON_INTERPRET" in os.environ:
             interpret = os.environ["TRITON_INTERPRET"] == "1"
@@ -55,7 +73,33 @@ def select_backend() -> bool:
     return interpret
 
 
-INTERPRETING: bool = select_backend()
+def _select_at_import() -> tuple[bool, str | None]:
+    """select_backend(), or auto's choice and the message when the setting is unknown."""
+    try:
+        return select_backend(), None
+    except BackendError as exc:
+        saved = os.environ.pop("FUSIONGUARD_TRITON")
+        try:
+            return select_backend(), str(exc)
+        finally:
+            os.environ["FUSIONGUARD_TRITON"] = saved
+
+
+INTERPRETING, SETTING_ERROR = _select_at_import()
+
+
+def check_backend() -> None:
+    """Raise BackendError, naming the setting and the fix, if FUSIONGUARD_TRITON is unknown or
+    asks for compiled kernels on a machine without a CUDA GPU."""
+    if SETTING_ERROR is not None:
+        raise BackendError(SETTING_ERROR)
+    if not INTERPRETING and not torch.cuda.is_available():
+        how = os.environ.get("FUSIONGUARD_TRITON", "auto")
+        given = "TRITON_INTERPRET=0" if how == "auto" else f"FUSIONGUARD_TRITON={how}"
+        raise BackendError(
+            f"{given} asks for compiled Triton kernels, but there is no CUDA GPU: set "
+            "FUSIONGUARD_TRITON=interpreted (or unset it) to run them through the interpreter"
+        )
 
 
 def backend() -> str:

@@ -1,7 +1,7 @@
 """``python -m profiling``: the report, the gate, baselines and kernel benchmarks.
 
     python -m profiling [report] [--out report]   every stage, against this GPU's baseline:
-                                                  text, report.json, report.png, a trace
+                                                  text, report.json, report.png
     python -m profiling gate                      the regression gate (what tox -e gpu runs)
     python -m profiling record [--force]          write perf_baselines/<gpu-slug>/baseline.json
         [--processes N | --combine RUN.json ...]  from N runs in fresh processes (default 3),
@@ -17,7 +17,8 @@
                                                   (baseline perf_baselines/<gpu-slug>/tpN/)
 
 Exit codes (0 pass, 1 fail, 2 usage or environment error, 3 no usable baseline): their
-rules are in docs/definitions.md, "Exit codes".
+rules are in docs/definitions.md, "Exit codes". A usage or environment error is one line
+``error: ...`` naming the argument, variable or file; --debug shows its traceback.
 
 Without a GPU the report runs a small 2-layer, hidden-64 model (engine.config.SMALL) through
 the Triton interpreter:
@@ -46,7 +47,9 @@ import torch.distributed as dist
 
 from engine import parallel as tp
 from engine.config import QWEN3_SIZES
-from profiling import baselines, breakdown, gate, measure, report
+from engine.memory import MemoryFitError, check_fits, memory_need
+from kernels.runtime import BackendError, check_backend
+from profiling import baselines, breakdown, gate, measure, report, validate
 from profiling.baselines import BaselineError
 from profiling.launches import TraceError
 from profiling.ranks import Ranks
@@ -57,6 +60,10 @@ CPU_NOTE = (
     "No CUDA GPU: the small 2-layer, hidden-64 model through the Triton interpreter. Its "
     "timings mean nothing (the interpreter runs kernels in numpy); launch counts, kernel "
     "timing and CUDA-graph decode need a GPU."
+)
+CPU_NOT_COMPARED = (
+    "Nothing was compared: baselines are per GPU model, so without a GPU none is read (not "
+    "even under --root); exit 0 means the report was written."
 )
 
 
@@ -245,7 +252,7 @@ def cmd_report(args) -> int:
     elif HAS_GPU:
         print(f"\n{report.NO_BASELINE}\n  ({problem})")
     else:
-        print(f"\n{CPU_NOTE}")
+        print(f"\n{CPU_NOTE}\n{CPU_NOT_COMPARED}")
     took = time.perf_counter() - started
     print(f"\nwrote {out / 'report.json'}, {out / 'report.png'} ({took:.0f} s)")
     return status
@@ -399,11 +406,7 @@ TORCHRUN_ENV = (
 
 def cmd_record(args) -> int:
     if args.combine:
-        try:
-            runs = [json.loads(Path(p).read_text()) for p in args.combine]
-        except (OSError, json.JSONDecodeError) as exc:
-            print(f"--combine: cannot read a run ({exc})", file=sys.stderr)
-            return EXIT_USAGE
+        runs = validate.read_runs(args.combine)  # RunError names the file and field: exit 2
     elif not _need_gpu("record"):
         return EXIT_USAGE
     else:
@@ -562,6 +565,7 @@ def parser() -> argparse.ArgumentParser:
         help="record: build the baseline from runs already measured (measure or gate --out "
         "files) instead of measuring",
     )
+    p.add_argument("--debug", action="store_true", help="show the traceback of a user error")
     p.add_argument("pytest_args", nargs="*", default=[], help="bench: extra pytest arguments")
     return p
 
@@ -584,18 +588,100 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--size {args.size} needs a CUDA GPU (without one the small model runs)")
     if args.out is None and args.command == "report":
         args.out = "report"
-    status = _start_ranks(args)
-    if status is not None:
-        return status
     try:
-        status = _run_command(args)
-        if RANKS.sharded and dist.is_initialized():
-            # Every rank done before any leaves: gloo aborts a rank whose peer has gone.
-            RANKS.barrier()
-        return status
-    finally:
-        if RANKS.sharded and dist.is_initialized():
-            dist.destroy_process_group()
+        _check_before_measuring(args)
+        status = _start_ranks(args)
+        if status is not None:
+            return status
+        try:
+            status = _run_command(args)
+            if RANKS.sharded and dist.is_initialized():
+                # Every rank done before any leaves: gloo aborts a rank whose peer has gone.
+                RANKS.barrier()
+            return status
+        finally:
+            if RANKS.sharded and dist.is_initialized():
+                dist.destroy_process_group()
+    except USER_ERRORS as exc:
+        if args.debug:
+            raise
+        return _fail(str(exc))
+
+
+class UsageError(ValueError):
+    """A user error found before measuring: one line, exit 2."""
+
+
+# One line and exit 2 (--debug: the traceback). OSError: a file given or written (--out,
+# --root, --combine) that cannot be read or written, the disk full, a read-only filesystem.
+USER_ERRORS = (UsageError, validate.RunError, BackendError, MemoryFitError, OSError)
+
+
+def _check_before_measuring(args) -> None:
+    """What can be checked before anything is measured: the Triton backend setting, the
+    folders the command will write, and sizes against the model and free memory."""
+    check_backend()
+    if args.out is not None and args.command in ("report", "measure", "gate"):
+        _check_writable_folder(args.out, "--out")
+    elif args.command == "measure":
+        _check_writable_folder("run", "--out (default run)")
+    if args.command in ("record", "onboard") and HAS_GPU:
+        _check_writable_folder(args.root, "--root")
+    if args.command in ("report", "measure", "record") and not args.combine:
+        _check_sizes(args)
+
+
+def _check_writable_folder(path, option: str) -> None:
+    """``path`` is a folder this process can create and write a file in (it is created)."""
+    import errno
+    import tempfile
+
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{option} {folder}: exists and is not a folder (give a folder path)")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        why = exc.strerror or errno.errorcode.get(exc.errno, str(exc))
+        raise UsageError(f"{option} {folder}: cannot write there ({why})") from exc
+
+
+def _check_sizes(args) -> None:
+    """The plan's cache positions against the model, and its memory against the device's
+    free memory (a shard's share under tensor parallelism)."""
+    config, plan = model_config(args), plan_from(args)
+    positions = max(plan.prompt_len + plan.new_tokens + 8, plan.prompt_len + plan.launch_steps + 4)
+    if positions > config.max_position_embeddings:
+        raise UsageError(
+            f"--prompt-len {plan.prompt_len} and --new-tokens {plan.new_tokens} need {positions} "
+            f"cache positions; the model ({config.source}) has max_position_embeddings "
+            f"{config.max_position_embeddings}"
+        )
+    batch = max(plan.batches)
+    need = memory_need(
+        config, torch.bfloat16, batch=batch, seq_len=positions, prompt_len=plan.prompt_len
+    )
+    try:
+        ranks = max(1, tp.world_size_from_env())
+    except tp.ParallelError:
+        ranks = 1
+    shares = type(need)(
+        need.weights // ranks, need.rope_tables, need.kv_cache // ranks, need.activations // ranks
+    )
+    check_fits(
+        shares,
+        # Under torchrun each rank's own GPU (no CUDA context made on another rank's).
+        torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        if torch.cuda.is_available()
+        else torch.device("cpu"),
+        f"the model ({config.num_hidden_layers} layers"
+        + (" (--layers)" if args.layers else "")
+        + f", hidden {config.hidden_size}) with "
+        f"--batches up to {batch}, --prompt-len {plan.prompt_len}, --new-tokens "
+        f"{plan.new_tokens}",
+    )
 
 
 def _fail(message: str) -> int:

@@ -13,7 +13,7 @@ same without it (its marginal gain where it runs).
 One prefill of a P-token prompt; then per round, for each variant (in alternating order, ABC
 then CBA, so that drift cancels in a ratio): rewind to position P (the same context every
 time), synchronize, decode G tokens (each step: ``runner.decode`` then greedy argmax) timed,
-synchronize. tokens/s = batch * G / elapsed, the
+synchronize (engine.timing.decode_rate). tokens/s = batch * G / elapsed, the
 garbage collector held off. The first ``warmup`` rounds are dropped (compilation, graph
 capture). A speed-up's figure is the median over rounds of that round's ratio; a variant's
 tokens/s the median over rounds. All variants of one batch size share one Runner, whose
@@ -23,9 +23,7 @@ CUDA graphs are captured per flag setting, on the same weights.
 from __future__ import annotations
 
 import dataclasses
-import gc
 import statistics
-import time
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -33,6 +31,7 @@ import torch
 from engine import fusions as registry
 from engine.flags import FusionFlags
 from engine.program import Fusion
+from engine.timing import decode_rate
 from profiling.ranks import aligner
 
 
@@ -102,33 +101,10 @@ class Settings:
         return self.prompt_len + self.new_tokens + 8
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def random_prompt(vocab_size: int, batch: int, prompt_len: int, device, seed: int = 0):
     """Token ids [batch, prompt_len], uniform over the vocabulary."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab_size, (batch, prompt_len), generator=generator).to(device)
-
-
-def _decode_rate(runner, token, prompt_len: int, new_tokens: int, align=None) -> float:
-    runner.rewind(prompt_len)
-    _sync(runner.device)
-    gc.collect()
-    gc.disable()  # eager decode is host-bound: keep the collector out of the timed steps
-    try:
-        if align is not None:  # tensor parallel: every rank starts its timer together
-            align()
-        start = time.perf_counter()
-        for _ in range(new_tokens):
-            token = runner.decode(token).argmax(-1)
-        _sync(runner.device)
-        elapsed = time.perf_counter() - start
-    finally:
-        gc.enable()
-    return token.shape[0] * new_tokens / elapsed
 
 
 def measure_variants(
@@ -159,7 +135,7 @@ def measure_variants(
                 order = variants if r % 2 == 0 else list(reversed(variants))
                 for v in order:
                     model.flags = v.flags()
-                    rate = _decode_rate(
+                    rate = decode_rate(
                         runner, first, settings.prompt_len, settings.new_tokens, align
                     )
                     if r >= settings.warmup:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -130,3 +132,49 @@ def test_cache_positions_agree_with_the_runner(device):
     assert tokens.shape == (1, 3)
     with pytest.raises(ValueError, match="needs 8 cache positions; max_seq_len is 7"):
         engine.Runner(model, max_seq_len=7).generate(prompt, 3)
+
+
+# --- The printed figures: prefill and decode apart, warm-up excluded ---------------------------
+
+
+def test_printed_prefill_and_decode_exclude_the_first_slow_step(monkeypatch, capsys):
+    """The first prefill and the first decode step sleep SLOW_S (as compilation or CUDA-graph
+    capture would take): had either been timed, the printed figures could not be below it."""
+    from engine.config import SMALL_CONFIG_PATH
+    from engine.runner import Runner
+
+    slow_s, steps, rounds = 4.0, 4, 2
+    calls = {"prefill": 0, "decode": 0}
+
+    def slow_first(name):
+        original = getattr(Runner, name)
+
+        def call(self, *args):
+            calls[name] += 1
+            if calls[name] == 1:
+                time.sleep(slow_s)
+            return original(self, *args)
+
+        return call
+
+    for name in calls:
+        monkeypatch.setattr(Runner, name, slow_first(name))
+    args = ["--config", str(SMALL_CONFIG_PATH), "--prompt-len", "4"]
+    args += ["--max-new-tokens", str(steps + 1), "--rounds", str(rounds)]
+    assert main(["--dtype", "float32", *args]) == 0
+    out = capsys.readouterr().out
+    prefill = re.search(r"^prefill: ([\d.]+) tok/s \(([\d.]+) ms, after an untimed", out, re.M)
+    decode = re.search(
+        rf"^decode: ([\d.]+) tok/s \(([\d.]+) ms/step; median of {rounds} timed run\(s\) of "
+        rf"{steps} steps, after an untimed warm-up run\)$",
+        out,
+        re.M,
+    )
+    assert prefill and decode, out
+    assert float(prefill[2]) < 1e3 * slow_s
+    assert abs(4 / float(prefill[1]) - float(prefill[2]) / 1e3) < 1e-3 * float(prefill[2])
+    ms_per_step = float(decode[2])
+    assert ms_per_step < 1e3 * slow_s / steps, out
+    assert abs(1e3 / float(decode[1]) - ms_per_step) <= 0.01 * ms_per_step  # batch 1
+    # one untimed run and `rounds` timed runs of the decode steps; two prefills
+    assert calls == {"prefill": 2, "decode": steps * (1 + rounds)}

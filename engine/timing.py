@@ -1,0 +1,40 @@
+"""Decode tokens/s, timed one way for the engine's command line and the profiling suite.
+
+One timed run: rewind the runner to ``prompt_len`` (the same context every time),
+synchronize, decode ``new_tokens`` steps (each ``runner.decode`` then greedy argmax),
+synchronize. tokens/s = batch * new_tokens / elapsed, the garbage collector held off (eager
+decode is host-bound). Warm-up (compilation, CUDA-graph capture) is the caller's: time runs
+after one untimed run of the same steps.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+
+import torch
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def decode_rate(runner, token, prompt_len: int, new_tokens: int, align=None) -> float:
+    """Tokens/s of ``new_tokens`` decode steps from position ``prompt_len`` (docstring).
+    ``align``: called right before the timer starts (tensor parallel: every rank together)."""
+    runner.rewind(prompt_len)
+    sync(runner.device)
+    gc.collect()
+    gc.disable()
+    try:
+        if align is not None:
+            align()
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            token = runner.decode(token).argmax(-1)
+        sync(runner.device)
+        elapsed = time.perf_counter() - start
+    finally:
+        gc.enable()
+    return token.shape[0] * new_tokens / elapsed
