@@ -39,6 +39,7 @@ import os
 import random
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -172,8 +173,6 @@ def _breakdown(model, current: dict, plan: measure.Plan) -> dict:
 
 
 def _host_times(model, variant: str, plan: measure.Plan) -> dict:
-    import tempfile
-
     from engine.flags import FusionFlags
     from engine.runner import Runner
     from profiling.launches import record_decode_trace
@@ -355,8 +354,6 @@ def cmd_measure(args) -> int:
 def _runs_for_record(args) -> list[dict]:
     """This process's run plus processes - 1 runs in fresh processes (a figure varies more
     between processes than within one: the baseline's limits must see that)."""
-    import tempfile
-
     runs = [_measure_run(args)]
     if RANKS.sharded and args.processes > 1:
         # Rank 0 alone starts the other runs (a torchrun each, forming their own group).
@@ -451,6 +448,9 @@ def _pytest(extra: list[str]) -> int:
     return subprocess.run(cmd).returncode
 
 
+pytest_no_tests_collected = 5  # pytest's exit code when nothing was selected
+
+
 def cmd_bench(args) -> int:
     if RANKS.sharded:
         print("error: bench runs in one process: start it without torchrun", file=sys.stderr)
@@ -462,11 +462,27 @@ def cmd_bench(args) -> int:
         rc = _pytest([*baselines.pytest_benchmark_save_args(root=args.root), *args.pytest_args])
         return EXIT_FAIL if rc else EXIT_OK
     try:
-        compare_args = baselines.pytest_benchmark_compare_args(root=args.root)
+        path = baselines.kernel_benchmark_file(root=args.root)
+        saved = baselines.load_kernel_benchmarks(path)
     except BaselineError as exc:
         print(f"KERNEL MEDIANS NOT COMPARED: {exc}", file=sys.stderr)
         return EXIT_NO_BASELINE
-    return EXIT_FAIL if _pytest([*compare_args, *args.pytest_args]) else EXIT_OK
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "current.json"
+        compare_args = baselines.pytest_benchmark_compare_args(path, root=args.root)
+        rc = _pytest([*compare_args, f"--benchmark-json={out}", *args.pytest_args])
+        if rc == pytest_no_tests_collected:
+            print("error: no benchmark selected (check -k)", file=sys.stderr)
+            return EXIT_USAGE
+        if rc:
+            return EXIT_FAIL
+        current = json.loads(out.read_text())
+    rows = gate.compare_kernel_benchmarks(saved, current)
+    slower = [r for r in rows if r["verdict"] == "SLOWER"]
+    print(f"\nKernel benchmarks, fused / reference in one process, against {path}:")
+    print(gate.kernel_bench_table(rows))
+    print(f"\nbench: {'FAIL' if slower else 'PASS'} ({len(slower)} of {len(rows)} slower)")
+    return EXIT_FAIL if slower else EXIT_OK
 
 
 def cmd_onboard(args) -> int:
@@ -634,7 +650,6 @@ def _check_before_measuring(args) -> None:
 def _check_writable_folder(path, option: str) -> None:
     """``path`` is a folder this process can create and write a file in (it is created)."""
     import errno
-    import tempfile
 
     folder = Path(path)
     if folder.exists() and not folder.is_dir():

@@ -379,3 +379,73 @@ def run_gate(
     result = compare(current, baseline)
     result = retry(model, plan, current, baseline, result, log, ranks)
     return result, current
+
+
+# --------------------------------------------------------------------------------------------
+# Kernel benchmarks (python -m profiling bench) against this GPU's saved pytest-benchmark run
+# --------------------------------------------------------------------------------------------
+
+# A benchmark fails when its fused / reference ratio rose past max(this, 3 x the saved run's
+# spread of the fused replay, iqr / median).
+KERNEL_BENCH_FLOOR = 0.05
+NOT_GATED_CUBLAS = "not gated: cuBLAS path"
+
+
+def kernel_bench_rows(data: dict) -> dict[str, dict]:
+    """Each benchmark of a pytest-benchmark JSON: its fused / reference ratio (both timed in
+    one process: the unfused ops, else the first peer), the fused call's path, and the fused
+    replay's spread."""
+    rows = {}
+    for b in data["benchmarks"]:
+        info = b.get("extra_info", {})
+        us = info.get("us_per_call") or {}
+        if "fused" not in us or len(us) < 2:
+            continue
+        reference = "unfused" if "unfused" in us else next(k for k in us if k != "fused")
+        rows[b["name"]] = {
+            "reference": reference,
+            "ratio": us["fused"] / us[reference],
+            "path": info.get("path", "triton"),
+            "spread": b["stats"]["iqr"] / b["stats"]["median"],
+        }
+    return rows
+
+
+def compare_kernel_benchmarks(saved: dict, current: dict) -> list[dict]:
+    """One row per benchmark of ``current``: saved and current ratio, change, limit, verdict
+    ("ok", "SLOWER", not gated where the fused call is cuBLAS's GEMM, like its peer: its time
+    from process to process moves more than any planted change, or "not in the saved run")."""
+    base = kernel_bench_rows(saved)
+    out = []
+    for name, cur in kernel_bench_rows(current).items():
+        row = {"name": name, "path": cur["path"], "reference": cur["reference"]}
+        row["current"] = cur["ratio"]
+        if name not in base:
+            out.append({**row, "verdict": "not in the saved run"})
+            continue
+        change = cur["ratio"] / base[name]["ratio"] - 1
+        limit = max(KERNEL_BENCH_FLOOR, 3 * base[name]["spread"])
+        if cur["path"] == "cublas":
+            verdict = NOT_GATED_CUBLAS
+        else:
+            verdict = "SLOWER" if change > limit else "ok"
+        out.append({**row, "saved": base[name]["ratio"], "change": change, "limit": limit,
+                    "verdict": verdict})  # fmt: skip
+    return out
+
+
+def kernel_bench_table(rows: list[dict]) -> str:
+    lines = [
+        f"{'benchmark':58} {'path':7} {'saved':>7} {'now':>7} {'change':>8} {'limit':>6}  verdict",
+    ]
+    for r in rows:
+        if "saved" not in r:
+            lines.append(
+                f"{r['name']:58} {r['path']:7} {'-':>7} {r['current']:7.4f}  {r['verdict']}"
+            )
+            continue
+        lines.append(
+            f"{r['name']:58} {r['path']:7} {r['saved']:7.4f} {r['current']:7.4f} "
+            f"{100 * r['change']:+7.2f}% {100 * r['limit']:5.1f}%  {r['verdict']}"
+        )
+    return "\n".join(lines)

@@ -75,7 +75,7 @@ def test_linear_residual_out_of_place(benchmark, M):
     model: in place the fused step is one kernel; out of place it writes a new tensor."""
     import torch.nn.functional as F
 
-    from kernels.linear_residual import linear_residual
+    from kernels.linear_residual import linear_residual, select_config
 
     config = qwen3_config("0.6b")
     N, K = config.hidden_size, config.num_attention_heads * config.head_dim
@@ -93,6 +93,7 @@ def test_linear_residual_out_of_place(benchmark, M):
         "addmm": lambda i: torch.addmm(i["residual"], i["x"], i["weight"].T),
         "linear_add": lambda i: F.linear(i["x"], i["weight"]) + i["residual"],
     }
-    benchmark.extra_info.update(size="0.6b", M=M)
+    path = select_config(M, N, K, torch.bfloat16).path
+    benchmark.extra_info.update(size="0.6b", M=M, path=path)
     sets = [draw() for _ in range(LAYERS)]
     _bench(benchmark, f"linear_residual out of place 0.6b M={M}", impls, sets, M)
