@@ -131,6 +131,26 @@ def tune_figures(text: str) -> list[dict]:
     ]  # fmt: skip
 
 
+_BENCH_VERDICT = re.compile(r"^bench: (PASS|FAIL) \((\d+) of (\d+) slower\)", re.M)
+_BENCH_ROW = re.compile(
+    r"^(\S+)\s+(\w+)\s+([\d.]+)\s+([\d.]+)\s+([+-][\d.]+)%\s+([\d.]+)%\s+(ok|SLOWER)$", re.M
+)
+_CLI_DECODE = re.compile(r"^decode: ([\d.]+) tok/s", re.M)
+
+
+def bench_verdict(text: str) -> dict | None:
+    """``python -m profiling bench``'s verdict and its gated rows (change and limit, %)."""
+    m = _BENCH_VERDICT.search(text)
+    if m is None:
+        return None
+    rows = {
+        name: {"path": path, "change_pct": float(change), "limit_pct": float(limit), "verdict": v}
+        for name, path, _, _, change, limit, v in _BENCH_ROW.findall(text)
+    }
+    return {"verdict": m.group(1), "slower": int(m.group(2)), "benchmarks": int(m.group(3)),
+            "rows": rows}  # fmt: skip
+
+
 _STAGE_TIMES = re.compile(r"^stage times: (.*)$", re.M)
 _ONBOARD_TIME = re.compile(r"^onboarding time: (\d+) s", re.M)
 
@@ -177,6 +197,10 @@ def figures(folder: Path) -> dict:
                 out[name] = pytest_counts(text)
             elif name == "onboard":
                 out[name] = onboard_figures(text)
+            elif name.startswith("bench") and (b := bench_verdict(text)):
+                out[name] = b
+            elif name == "cli" and (m := _CLI_DECODE.search(text)):
+                out[name] = {"engine_cli_decode_tok_s": float(m.group(1))}
             elif name == "tune":
                 out[name] = tune_figures(text)
             elif name.endswith("-time"):

@@ -69,3 +69,30 @@ def test_the_committed_record_is_one_run_a_line():
     for r in records:
         assert {"run", "date", "gpus", "commit", "command", "figures"} <= r.keys(), r["run"]
         assert r["gpus"] and all(g for g in r["gpus"]), r["run"]
+
+
+def test_the_bench_verdict_is_read_from_the_table_bench_prints():
+    import random
+
+    from profiling import gate
+    from scripts.runs import bench_verdict
+
+    rng = random.Random()
+    rows = []
+    for i, path in enumerate(("gemv", "triton", "gemv")):
+        saved = rng.uniform(0.1, 0.9)
+        change = rng.uniform(-0.2, 0.2)
+        rows.append(
+            {"name": f"test_fusion_kernel[step-0.6b-m{i}]", "path": path, "reference": "unfused",
+             "saved": saved, "current": saved * (1 + change), "change": change, "limit": 0.05,
+             "verdict": "SLOWER" if change > 0.05 else "ok"}
+        )  # fmt: skip
+    slower = sum(r["verdict"] == "SLOWER" for r in rows)
+    text = gate.kernel_bench_table(rows) + f"\n\nbench: {'FAIL' if slower else 'PASS'} "
+    text += f"({slower} of {len(rows)} slower)\n"
+    got = bench_verdict(text)
+    assert got["slower"] == slower and got["benchmarks"] == len(rows)
+    for r in rows:
+        g = got["rows"][r["name"]]
+        assert g["verdict"] == r["verdict"] and g["path"] == r["path"]
+        assert abs(g["change_pct"] - 100 * r["change"]) < 0.006
