@@ -6,11 +6,12 @@ GPU, and write the tables the kernels read (kernels/configs/<kernel>/<gpu-slug>.
     python -m profiling.tune --missing               # only what this GPU's tables lack
 
 Candidates are first compiled in parallel worker processes (``--jobs``): Triton's on-disk
-cache then serves the timing process, which times them one after another. Each candidate is
-timed as the gate times kernels (profiling/kernel_timing.py: distinct
-weights chained in one CUDA graph); the four fastest are timed again with more rounds, and the
-winner must pass the numerics rule before it is written. Nothing autotunes at run time.
-Buckets and shapes not tuned in a run keep their committed entries.
+cache then serves the timing process, which times them one after another (on the H200, 282
+configurations compiled in 21 s; 16 buckets tuned in 43 s). Each candidate is timed as the
+gate times kernels (profiling/kernel_timing.py: distinct weights chained in one CUDA graph);
+the four fastest are timed again with more rounds, and the winner must pass the numerics rule
+before it is written. Nothing autotunes at run time. Buckets and shapes not tuned in a run
+keep their committed entries.
 """
 
 from __future__ import annotations
