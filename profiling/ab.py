@@ -513,7 +513,9 @@ def bisect(
 
 def _bisect_git(repo: Path, *args: str) -> subprocess.CompletedProcess:
     out = _git(repo, "bisect", *args)
-    if out.returncode != 0:
+    # git exits non-zero once it has an answer (found, or only skipped commits left).
+    done = ("is the first bad commit", "only 'skip'ped commits left")
+    if out.returncode != 0 and not any(d in out.stdout for d in done):
         raise ABError(f"git bisect {' '.join(args)}: {out.stderr.strip()}", "git")
     return out
 
