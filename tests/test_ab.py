@@ -425,7 +425,7 @@ def test_ab_of_this_tree_against_its_own_commit_on_cpu(tmp_path):
     import torch
 
     if torch.cuda.is_available():
-        pytest.skip("the CPU A/A (on a GPU: scripts/gpu_pass.sh runs the timed A/A)")
+        pytest.skip("the CPU A/A (on a GPU the A/A measures every timed stage)")
     result = _cli("ab", "--base", "HEAD", "--pairs", "1", "--out", str(tmp_path), "--seed", "7")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "ab: PASS" in result.stdout and "slower" not in result.stdout.replace("slower 0", "")
