@@ -297,7 +297,7 @@ def export_tree(repo: Path, commit: str, dest: Path) -> Path:
 Measure = Callable[[Path, str, Path], dict]
 
 
-def measure_in_process(extra_args: list[str], seed: int, log=print) -> Measure:
+def measure_in_process(extra_args: list[str], seed: int) -> Measure:
     """``python -m profiling measure`` in a fresh process of ``tree`` (its own kernels,
     engine and tables first on the path), every process with the same numerics seed."""
 
@@ -317,9 +317,14 @@ def measure_in_process(extra_args: list[str], seed: int, log=print) -> Measure:
 
 
 def run_pairs(
-    base_tree: Path, base_label: str, new_tree: Path, new_label: str, pairs: int, measure: Measure,
+    base_tree: Path,
+    base_label: str,
+    new_tree: Path,
+    new_label: str,
+    pairs: int,
+    measure: Measure,
     log=print,
-) -> list[tuple[dict, dict]]:  # fmt: skip
+) -> list[tuple[dict, dict]]:
     """``pairs`` pairs of runs, order AB, BA, AB, ...: [(REF's run, this tree's run)]."""
     out = []
     with tempfile.TemporaryDirectory(prefix="fusionguard-ab-") as tmp:
@@ -447,7 +452,7 @@ def bisect(
     if _git(repo, "merge-base", "--is-ancestor", good_c, bad_c).returncode != 0:
         raise ValueError(f"GOOD {good!r} is not an ancestor of BAD {bad!r}")
     log_path = repo / _git(repo, "rev-parse", "--git-path", "BISECT_LOG").stdout.strip()
-    if log_path.exists():  # (an absolute --git-path stays absolute under "/")
+    if log_path.exists():  # (repo / an absolute path is that path)
         raise ValueError(f"a git bisect is already under way in {repo} (git bisect reset ends it)")
     with tempfile.TemporaryDirectory(prefix="fusionguard-bisect-") as tmp:
         good_tree = export_tree(repo, good_c, Path(tmp) / "good")
@@ -463,9 +468,14 @@ def bisect(
             first = at_bad.slower[:1] or at_bad.changed[:1]
             if not first:
                 return BisectResult(
-                    None, None, "", None, [], "BAD is not slower than GOOD on any figure, "
-                    "and no exact figure changed: nothing to bisect"
-                )  # fmt: skip
+                    None,
+                    None,
+                    "",
+                    None,
+                    [],
+                    "BAD is not slower than GOOD on any figure, "
+                    "and no exact figure changed: nothing to bisect",
+                )
             figure = first[0].name if isinstance(first[0], Estimate) else first[0]["name"]
         bad_figure = at_bad.find(figure)
         if bad_figure is None:
@@ -476,9 +486,13 @@ def bisect(
             )
         if judge(at_bad, figure, bad_figure)[0] != "bad":
             return BisectResult(
-                figure, None, "", bad_figure, [], f"BAD is not slower than GOOD on {figure}: "
-                "nothing to bisect"
-            )  # fmt: skip
+                figure,
+                None,
+                "",
+                bad_figure,
+                [],
+                f"BAD is not slower than GOOD on {figure}: nothing to bisect",
+            )
         log(f"bisecting on {figure}")
         effects = {bad_c: bad_figure}
         steps = []

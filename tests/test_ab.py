@@ -31,9 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _logs(rng: random.Random, shift: float, sd: float, n: int) -> list[float]:
     """Paired log ratios of figures with per-process noise ``sd`` in each tree."""
-    return [
-        math.log1p(shift) + rng.gauss(0, sd) - rng.gauss(0, sd) for _ in range(n)
-    ]  # fmt: skip
+    return [math.log1p(shift) + rng.gauss(0, sd) - rng.gauss(0, sd) for _ in range(n)]
 
 
 # --------------------------------------------------------------------------------------------
