@@ -617,7 +617,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out",
         default=None,
-        help="report: output folder (default ./report); gate: also write gate.json there",
+        help="report: output folder (default ./report); gate: also write gate.json there; "
+        "ab: ab.json and ab.png (default ./ab); bisect: bisect.json",
     )
     p.add_argument("--root", default=str(baselines.BASELINE_ROOT), help="baselines folder")
     p.add_argument("--seed", type=int, default=None, help="numerics inputs' seed (default fresh)")
