@@ -11,6 +11,12 @@
                                                   saved run (other arguments go to pytest)
     python -m profiling onboard [--force]         a new GPU model: tune its launch tables,
                                                   record both baselines, run the gate
+    python -m profiling ab --base REF [--pairs N] this tree against commit REF in alternating
+        [--out ab]                                fresh processes: effect, 95% interval and
+                                                  verdict per timed figure (ab.json, ab.png);
+                                                  ``gate --base REF`` is the same
+    python -m profiling bisect GOOD BAD           the first commit where a figure turned slower
+        [--figure NAME] [--pairs N]               (git bisect over the A/B against GOOD)
     --size 0.6b|1.7b|4b|8b                        the Qwen3 architecture (random weights)
     torchrun --nproc-per-node N -m profiling [--tp N] report|gate|record|measure ...
                                                   the same stages on N tensor-parallel ranks
@@ -320,6 +326,8 @@ def cmd_gate(args) -> int:
     except BaselineError as exc:
         print(f"GATE NOT RUN: {exc}", file=sys.stderr)
         return EXIT_NO_BASELINE
+    if args.strict:
+        result = result.strict()
     if args.out and RANKS.root:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         current["gate"] = result.to_json()
@@ -361,12 +369,7 @@ def _runs_for_record(args) -> list[dict]:
         dist.destroy_process_group()
         if not RANKS.root:
             return runs
-    passed = [a for a in ("--small",) if getattr(args, a[2:])]
-    for name in ("size", "layers", "batches", "rounds", "prompt_len", "new_tokens"):
-        value = getattr(args, name)
-        if value is not None:
-            flag = "--" + name.replace("_", "-")
-            passed += [flag, *map(str, value if isinstance(value, list) else [value])]
+    passed = _measure_args(args)
     launcher, env = [sys.executable], None
     if RANKS.sharded and args.processes > 1:
         torch.cuda.empty_cache()
@@ -383,6 +386,17 @@ def _runs_for_record(args) -> list[dict]:
                 raise RuntimeError(f"run {i + 2} of the record failed")
             runs.append(json.loads((Path(tmp) / "run.json").read_text()))
     return runs
+
+
+def _measure_args(args) -> list[str]:
+    """The model and plan options given, for ``measure`` in another process."""
+    passed = [a for a in ("--small",) if getattr(args, a[2:])]
+    for name in ("size", "layers", "batches", "rounds", "prompt_len", "new_tokens"):
+        value = getattr(args, name)
+        if value is not None:
+            flag = "--" + name.replace("_", "-")
+            passed += [flag, *map(str, value if isinstance(value, list) else [value])]
+    return passed
 
 
 # What torchrun sets for its workers: not inherited by a nested torchrun's workers.
@@ -485,6 +499,90 @@ def cmd_bench(args) -> int:
     return EXIT_FAIL if slower else EXIT_OK
 
 
+def _ab_repo(what: str) -> Path:
+    """The git checkout of this tree (the code running: the A/B's "new" side)."""
+    from profiling import ab
+
+    if RANKS.sharded:
+        raise UsageError(f"{what} runs in one process: start it without torchrun")
+    repo = ab.git_toplevel(measure.REPO_ROOT)
+    if repo is None:
+        raise UsageError(f"{what} needs a git checkout: {measure.REPO_ROOT} is not inside one")
+    return repo
+
+
+def _ab_setup(args):
+    """The pairs and the measurement of an A/B or a bisect."""
+    from profiling import ab
+
+    if not HAS_GPU:
+        print(CPU_NOTE)
+    pairs = args.pairs if args.pairs is not None else (3 if HAS_GPU else 1)
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
+    print(f"numerics inputs: seed {seed} in every process (replay with --seed {seed})")
+    return pairs, ab.measure_in_process(_measure_args(args), seed)
+
+
+def cmd_ab(args) -> int:
+    from profiling import ab
+
+    if args.base is None:
+        raise UsageError("ab needs --base REF (the commit to compare this tree with)")
+    repo = _ab_repo("ab")
+    try:
+        ab.resolve_commit(repo, args.base, "--base")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    pairs, measure_fn = _ab_setup(args)
+    started = time.perf_counter()
+    try:
+        result = ab.ab(repo, args.base, measure.REPO_ROOT, pairs, measure_fn)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    except ab.ABError as exc:
+        print(f"AB NOT COMPLETED: {exc}", file=sys.stderr)
+        # This tree failing to run is a failure; REF's, an environment error.
+        return EXIT_FAIL if exc.side == "new" else EXIT_USAGE
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report.write_json(result.to_json(), out / "ab.json")
+    ab.plot(result, out / "ab.png")
+    print(result.table())
+    print(f"wrote {out / 'ab.json'}, {out / 'ab.png'} ({time.perf_counter() - started:.0f} s)")
+    return EXIT_OK if result.ok else EXIT_FAIL
+
+
+def cmd_bisect(args) -> int:
+    from profiling import ab
+
+    if len(args.pytest_args) != 2:
+        raise UsageError(
+            f"bisect needs GOOD and BAD (two commits), got {len(args.pytest_args)} argument(s)"
+        )
+    good, bad = args.pytest_args
+    repo = _ab_repo("bisect")
+    pairs, measure_fn = _ab_setup(args)
+
+    def ab_of(good_tree, good_commit, tree, commit):
+        runs = ab.run_pairs(good_tree, good_commit, tree, commit, pairs, measure_fn)
+        return ab.compare_runs(runs, good_commit, commit)
+
+    started = time.perf_counter()
+    try:
+        result = ab.bisect(repo, good, bad, ab_of, figure=args.figure)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    except ab.ABError as exc:  # GOOD or BAD could not be measured
+        print(f"BISECT NOT COMPLETED: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        report.write_json(result.to_json(), Path(args.out) / "bisect.json")
+    print(ab.bisect_text(result))
+    print(f"bisect time: {time.perf_counter() - started:.0f} s")
+    return EXIT_OK if result.first_bad is None else EXIT_FAIL
+
+
 def cmd_onboard(args) -> int:
     from profiling.onboard import onboard
 
@@ -530,12 +628,13 @@ def parser() -> argparse.ArgumentParser:
         "command",
         nargs="?",
         default="report",
-        choices=("report", "gate", "record", "measure", "bench", "onboard"),
+        choices=("report", "gate", "record", "measure", "bench", "onboard", "ab", "bisect"),
     )
     p.add_argument(
         "--out",
         default=None,
-        help="report: output folder (default ./report); gate: also write gate.json there",
+        help="report: output folder (default ./report); gate: also write gate.json there; "
+        "ab: ab.json and ab.png (default ./ab); bisect: bisect.json",
     )
     p.add_argument("--root", default=str(baselines.BASELINE_ROOT), help="baselines folder")
     p.add_argument("--seed", type=int, default=None, help="numerics inputs' seed (default fresh)")
@@ -581,8 +680,30 @@ def parser() -> argparse.ArgumentParser:
         help="record: build the baseline from runs already measured (measure or gate --out "
         "files) instead of measuring",
     )
+    p.add_argument(
+        "--base",
+        default=None,
+        metavar="REF",
+        help="ab (and gate --base): the commit this tree is compared with",
+    )
+    p.add_argument(
+        "--pairs",
+        type=_positive,
+        default=None,
+        help="ab/bisect: pairs of fresh processes (default 3 on a GPU, 1 without)",
+    )
+    p.add_argument(
+        "--figure", default=None, help="bisect: the figure (default: the first BAD is slower on)"
+    )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="gate: a figure faster than its baseline beyond tolerance fails (re-record)",
+    )
     p.add_argument("--debug", action="store_true", help="show the traceback of a user error")
-    p.add_argument("pytest_args", nargs="*", default=[], help="bench: extra pytest arguments")
+    p.add_argument(
+        "pytest_args", nargs="*", default=[], help="bench: extra pytest arguments; bisect: GOOD BAD"
+    )
     return p
 
 
@@ -591,7 +712,17 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = p.parse_known_args(argv)
     if unknown and args.command != "bench":
         p.error(f"unrecognized arguments: {' '.join(unknown)}")
-    if args.pytest_args and args.command != "bench":
+    if args.command == "gate" and args.base is not None:
+        args.command = "ab"  # gate --base REF: the A/B against REF (no baseline read)
+    for option, commands in (
+        ("base", ("ab",)),
+        ("pairs", ("ab", "bisect")),
+        ("figure", ("bisect",)),
+        ("strict", ("gate",)),
+    ):
+        if getattr(args, option) not in (None, False) and args.command not in commands:
+            p.error(f"--{option} applies to {' and '.join(commands)} only")
+    if args.pytest_args and args.command not in ("bench", "bisect"):
         p.error(f"unrecognized arguments: {' '.join(args.pytest_args)}")
     args.pytest_args = [*args.pytest_args, *unknown]
     if args.rounds is not None and args.rounds < 5:
@@ -604,6 +735,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--size {args.size} needs a CUDA GPU (without one the small model runs)")
     if args.out is None and args.command == "report":
         args.out = "report"
+    if args.out is None and args.command == "ab":
+        args.out = "ab"
     try:
         _check_before_measuring(args)
         status = _start_ranks(args)
@@ -637,13 +770,13 @@ def _check_before_measuring(args) -> None:
     """What can be checked before anything is measured: the Triton backend setting, the
     folders the command will write, and sizes against the model and free memory."""
     check_backend()
-    if args.out is not None and args.command in ("report", "measure", "gate"):
+    if args.out is not None and args.command in ("report", "measure", "gate", "ab", "bisect"):
         _check_writable_folder(args.out, "--out")
     elif args.command == "measure":
         _check_writable_folder("run", "--out (default run)")
     if args.command in ("record", "onboard") and HAS_GPU:
         _check_writable_folder(args.root, "--root")
-    if args.command in ("report", "measure", "record") and not args.combine:
+    if args.command in ("report", "measure", "record", "ab", "bisect") and not args.combine:
         _check_sizes(args)
 
 
@@ -744,6 +877,8 @@ def _run_command(args) -> int:
         "measure": cmd_measure,
         "bench": cmd_bench,
         "onboard": cmd_onboard,
+        "ab": cmd_ab,
+        "bisect": cmd_bisect,
     }
     try:
         return commands[args.command](args)

@@ -6,8 +6,10 @@ ratios at decode sizes; end-to-end decode (default tok/s, speed-ups) with the va
 interleaved. ``compare`` turns a run and a baseline (profiling/baselines.py, the store) into
 checks and a GateResult: the engine's default fusions, then each stage's checks. A failing
 timing check (kernel ratio, tok/s, speed-up) is measured once more before the gate fails
-(``retry``): the second measurement decides, and both are printed. ``compare`` is pure logic
-on two runs, so CPU CI tests it on synthetic runs.
+(``retry``): the second measurement decides, and both are printed. A timing figure better than
+its baseline by more than its tolerance passes with a note, "faster than baseline: re-record"
+(``GateResult.wins``); ``strict`` turns those into failures. ``compare`` is pure logic on two
+runs, so CPU CI tests it on synthetic runs.
 """
 
 from __future__ import annotations
@@ -107,10 +109,16 @@ class Check:
     timing: bool = False  # a timing check: measured once more before the gate fails
 
 
+WIN_NOTE = "faster than baseline: re-record"
+
+
 @dataclasses.dataclass
 class GateResult:
     checks: list[Check]
     notes: list[str]
+    # Passing timing figures better than the baseline beyond tolerance: a win nothing explains
+    # (or a baseline that no longer describes this tree). Notes, failures under strict().
+    wins: list[Check] = dataclasses.field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -132,13 +140,22 @@ class GateResult:
         ]
         lines += [f"  FAIL [{c.stage}] {c.key}: {c.message}" for c in self.failures]
         lines += [f"  note: {n}" for n in self.notes]
+        lines += [f"  note: [{w.stage}] {w.key} {WIN_NOTE}: {w.message}" for w in self.wins]
         return "\n".join(lines)
+
+    def strict(self) -> GateResult:
+        """The verdict of ``gate --strict``: every win a failure."""
+        failed = [
+            dataclasses.replace(w, ok=False, message=f"{WIN_NOTE}: {w.message}") for w in self.wins
+        ]
+        return GateResult(self.checks + failed, self.notes, [])
 
     def to_json(self) -> dict:
         return {
             "ok": self.ok,
             "checks": [dataclasses.asdict(c) for c in self.checks],
             "notes": self.notes,
+            "faster_than_baseline": [dataclasses.asdict(w) for w in self.wins],
         }
 
 
@@ -303,6 +320,56 @@ def compare_e2e(current: dict, baseline: dict, notes: list[str]) -> list[Check]:
     return checks
 
 
+def faster_than_baseline(current: dict, baseline: dict) -> list[Check]:
+    """Timing figures better than the baseline by more than their tolerance: a kernel ratio
+    below stored x (1 - tolerance), default tok/s above stored x (1 + tolerance), a gated
+    speed-up above stored + tolerance."""
+    wins = []
+    for key, base in sorted(baseline["kernel_ratios"].items()):
+        cur = current.get("kernel_ratios", {}).get(key)
+        if cur is not None and cur["ratio"] < base["ratio"] * (1 - base["tolerance"]):
+            wins.append(
+                Check(
+                    "kernel_ratio",
+                    key,
+                    f"{cur['ratio']:.4f} vs baseline {base['ratio']:.4f} "
+                    f"(-{base['tolerance']:.1%} is {base['ratio'] * (1 - base['tolerance']):.4f})",
+                    True,
+                    True,
+                )
+            )
+    for key, base in sorted(baseline["e2e"].items()):
+        cur = current.get("e2e", {}).get(key)
+        if cur is None:
+            continue
+        d, bd = cur["variants"]["default"], base["variants"]["default"]
+        if d["median"] > bd["median"] * (1 + bd["tolerance"]):
+            wins.append(
+                Check(
+                    "tok_s",
+                    f"{key}.default",
+                    f"{d['median']:.1f} tok/s vs baseline {bd['median']:.1f} "
+                    f"(+{bd['tolerance']:.1%})",
+                    True,
+                    True,
+                )
+            )
+        for name, bs in sorted(base["speedups"].items()):
+            cs = cur["speedups"].get(name)
+            if cs is not None and bs["gated"] and cs["median"] > bs["median"] + bs["tolerance"]:
+                wins.append(
+                    Check(
+                        "speedup",
+                        f"{key}.speedup.{name}",
+                        f"{cs['median']:.3f}x vs baseline {bs['median']:.3f}x "
+                        f"(+{bs['tolerance']:.3f})",
+                        True,
+                        True,
+                    )
+                )
+    return wins
+
+
 def compare(current: dict, baseline: dict) -> GateResult:
     """Gate ``current`` (a run of the gate's stages) against ``baseline`` (make_baseline's).
 
@@ -322,7 +389,7 @@ def compare(current: dict, baseline: dict) -> GateResult:
         *compare_kernel_ratios(current, baseline),
         *compare_e2e(current, baseline, notes),
     ]
-    return GateResult(checks, notes)
+    return GateResult(checks, notes, faster_than_baseline(current, baseline))
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,7 +428,11 @@ def retry(
         else:
             checks.append(c)
     current["remeasured"] = {"kernel_ratios": again["kernel_ratios"], "e2e": again["e2e"]}
-    return GateResult(checks, result.notes + [n for n in second.notes if n not in result.notes])
+    redone = {(c.stage, c.key) for c in failing}
+    wins = result.wins + [w for w in second.wins if (w.stage, w.key) in redone]
+    return GateResult(
+        checks, result.notes + [n for n in second.notes if n not in result.notes], wins
+    )
 
 
 def run_gate(

@@ -8,7 +8,8 @@ process, BASE, NEW, BASE, NEW, ... (drift shows as a spread, not as a gain), eac
 timing CUDA-graph decode of the tree's own default fusions as ``python -m profiling measure``
 does (prompt 16, 48 new tokens per round, the median of its rounds). A tree is a checkout or
 an exported commit (``git archive <sha> | tar -x -C DIR``). Prints and writes per batch the
-medians over runs and NEW / BASE.
+medians over runs and NEW / BASE. ``python -m profiling ab --base REF`` A/Bs this tree
+against a commit on every figure of the gate's stages, with intervals and verdicts.
 """
 
 from __future__ import annotations
