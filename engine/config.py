@@ -26,6 +26,7 @@ SMALL_CONFIG_PATH = Path(__file__).with_name("small_config.json")
 QWEN3_ARCHITECTURE = "Qwen3ForCausalLM"
 QWEN3_MODEL_TYPE = "qwen3"
 
+MAX_HIDDEN_SIZE = 1 << 16
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -117,6 +118,12 @@ class Qwen3Config:
             )
         if self.head_dim % 2:
             raise ValueError(f"{self.source}: head_dim must be even for RoPE, got {self.head_dim}")
+        if self.hidden_size > MAX_HIDDEN_SIZE:
+            # The norm kernels hold a whole hidden row in one Triton tile (at most 2**20 elements).
+            raise UnsupportedConfigError(
+                f"{self.source}: hidden_size {self.hidden_size} is more than the kernels take "
+                f"(a hidden row is one tile: at most {MAX_HIDDEN_SIZE})"
+            )
         if self.torch_dtype not in _DTYPES:
             raise UnsupportedConfigError(
                 f"{self.source}: torch_dtype {self.torch_dtype!r} is not supported "

@@ -781,15 +781,20 @@ def _check_before_measuring(args) -> None:
 
 
 def _check_writable_folder(path, option: str) -> None:
-    """``path`` is a folder this process can create and write a file in (it is created)."""
+    """``path`` is a folder this process can write a file in, or can create: nothing is
+    created here (an input checked after this may still fail the command)."""
     import errno
 
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"{option} {folder}: exists and is not a folder (give a folder path)")
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"{option} {folder}: {existing} is a file, not a folder")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-check-"):
             pass
     except OSError as exc:
         why = exc.strerror or errno.errorcode.get(exc.errno, str(exc))

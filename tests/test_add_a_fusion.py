@@ -29,6 +29,11 @@ from profiling.numerics import check_fusion
 from profiling.ranks import Ranks
 
 NAME = "toy_scaled_residual_add"
+# The walk through the suite's stages runs a CPU model (kernels interpreted); on a GPU runner,
+# where kernels run compiled on CUDA tensors, the same stages run for the registered fusions.
+on_cpu = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="the document's CPU walk: kernels interpreted on CPU tensors"
+)
 
 # Step 2: the kernel file, scaled_add.py in kernels/ (written to tmp_path and imported under that
 # name: the test edits nothing in the tree).
@@ -125,10 +130,10 @@ def test_1_the_span_is_a_run_of_the_program(toy, model):
     assert len(span_instances(program, toy)) == model.config.num_hidden_layers
 
 
-def test_2_the_kernel_file_is_found_from_the_declaration(toy, kernel):
+def test_2_the_kernel_file_is_found_from_the_declaration(toy, kernel, device):
     assert toy.kernel_module() is kernel
-    g = torch.Generator().manual_seed(11)
-    r, o = torch.randn(3, 257, generator=g), torch.randn(3, 257, generator=g)
+    g = torch.Generator(device=device).manual_seed(11)
+    r, o = (torch.randn(3, 257, generator=g, device=device) for _ in range(2))
     got = kernel.scaled_add(r, o, 0.5)
     torch.testing.assert_close(got.double(), kernel.scaled_add_float64(r, o, 0.5))
     with pytest.raises(ValueError, match=r"o has shape \(3, 256\)"):
@@ -147,9 +152,9 @@ def test_3_the_declaration_is_in_the_registry_and_the_engine_runs_it(toy, model)
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows", [1, 5])
-def test_4_numerics_through_the_fused_callable(toy, model, kernel, dtype, rows):
-    generator = torch.Generator().manual_seed(rows)
-    args = (toy, model.program(), model.config, rows, dtype, "cpu")
+def test_4_numerics_through_the_fused_callable(toy, model, kernel, dtype, rows, device):
+    generator = torch.Generator(device=device).manual_seed(rows)
+    args = (toy, model.program(), model.config, rows, dtype, device.type)
     results = check_fusion(*args, generator)
     assert [r.name for r in results] == [f"{NAME}.residual"]
     assert all(r.ok for r in results), [r.summary() for r in results]
@@ -159,6 +164,7 @@ def test_4_numerics_through_the_fused_callable(toy, model, kernel, dtype, rows):
     assert not any(r.ok for r in check_fusion(planted, *args[1:], generator))
 
 
+@on_cpu
 def test_5_the_suite_s_stages_check_it_on_cpu(toy, run):
     assert NAME in run["model"]["fusions"]
     toy_checks = [r for r in run["numerics"] if r["name"].startswith(f"{NAME}.")]
@@ -167,6 +173,7 @@ def test_5_the_suite_s_stages_check_it_on_cpu(toy, run):
         assert "needs a CUDA GPU" in run[f"{stage}_note"]
 
 
+@on_cpu
 def test_5_its_launches_are_counted_on_a_cpu_trace(toy, model, tmp_path):
     """Host ranges of an eager decode trace: one range per instance a step, in place of the
     op it replaces (kernel counts need a GPU's trace)."""
@@ -207,6 +214,7 @@ def test_5_the_committed_baselines_report_it_not_yet_baselined(toy):
         test_gate.test_the_committed_baseline_describes_the_code_as_it_is()
 
 
+@on_cpu
 def test_6_a_baseline_recorded_on_cpu_gates_it_and_the_report_shows_it(toy, model, run, tmp_path):
     """Step 6 (``record``, here on CPU into tmp_path): launch counts, ratios and tok/s made up
     as a GPU would measure them (gate_helpers), numerics as measured above."""

@@ -31,7 +31,7 @@ import torch
 import engine
 import profiling.__main__ as profiling_cli
 from engine.__main__ import main as engine_main
-from engine.config import SMALL_CONFIG_PATH, Qwen3Config, small_config
+from engine.config import SMALL_CONFIG_PATH, Qwen3Config, default_config, small_config
 from profiling import baselines, measure, report
 from profiling.validate import run_problems
 
@@ -343,7 +343,7 @@ def test_a_finite_checkpoint_loads_and_one_that_overflows_the_dtype_is_refused(t
     )
 
 
-def _launchers():
+def _launchers(device: str = "cpu"):
     from kernels.linear_residual import linear_residual
     from kernels.rms_norm import add_rms_norm, rms_norm
     from kernels.rms_norm_linear import rms_norm_linear
@@ -351,8 +351,9 @@ def _launchers():
     from kernels.silu_mul import silu_mul
 
     M, K, N = 3, 32, 16
-    x, r = torch.randn(M, K), torch.randn(M, N)
-    w, nw, gu = torch.randn(N, K), torch.rand(K) + 0.5, torch.randn(2 * N, K)
+    kw = {"device": device}
+    x, r = torch.randn(M, K, **kw), torch.randn(M, N, **kw)
+    w, nw, gu = torch.randn(N, K, **kw), torch.rand(K, **kw) + 0.5, torch.randn(2 * N, K, **kw)
     return {
         "rms_norm": (rms_norm, {"x": x, "weight": nw}, (1e-6,)),
         "add_rms_norm": (add_rms_norm, {"x": x, "residual": x.clone(), "weight": nw}, (1e-6,)),
@@ -363,14 +364,14 @@ def _launchers():
             {"x": x, "norm_weight": nw, "gate_up_weight": gu},
             (1e-6,),
         ),
-        "silu_mul": (silu_mul, {"gate_up": torch.randn(M, 2 * N)}, ()),
+        "silu_mul": (silu_mul, {"gate_up": torch.randn(M, 2 * N, **kw)}, ()),
     }
 
 
 @pytest.mark.parametrize("kernel", sorted(_launchers()))
-def test_an_input_that_requires_grad_is_refused_naming_it_under_grad_mode(kernel):
+def test_an_input_that_requires_grad_is_refused_naming_it_under_grad_mode(kernel, device):
     """The Triton kernels have no backward: the output would silently leave the graph."""
-    fn, inputs, rest = _launchers()[kernel]
+    fn, inputs, rest = _launchers(device.type)[kernel]
     for name in inputs:
         args = {k: (v.clone().requires_grad_(k == name)) for k, v in inputs.items()}
         with pytest.raises(ValueError, match=f"^{name} requires grad.*no backward"):
@@ -518,7 +519,7 @@ CONFIG_FIELDS = [
     ("head-dim-odd", {"head_dim": 15}, "head_dim"),
     ("layers-billion", {"num_hidden_layers": 10**9}, "1000000000 layers"),
     ("vocab-huge", {"vocab_size": 10**12}, "vocab 1000000000000"),
-    ("hidden-huge", {"hidden_size": 10**7}, "hidden 10000000"),
+    ("hidden-huge", {"hidden_size": 10**7}, "hidden_size 10000000"),
     ("intermediate-huge", {"intermediate_size": 10**10}, "intermediate 10000000000"),
     ("positions-huge", {"max_position_embeddings": 10**13}, "RoPE tables"),
 ]
@@ -646,6 +647,9 @@ def test_replay_checkpoint_files(tmp_path, capsys, edit, names):
     _in_process(capsys, engine_main, ["--checkpoint", str(directory)], 2, names)
 
 
+# Cache positions of the model the profiling commands measure here (the small model on CPU).
+_POSITIONS = (default_config() if HAS_GPU else small_config()).max_position_embeddings
+
 # (id, arguments, exit code, pieces of the error line)
 PROFILING_ARGS = [
     ("unknown-command", ["nonsense"], 2, ["invalid choice"]),
@@ -659,8 +663,18 @@ PROFILING_ARGS = [
     ("layers-negative", ["--layers", "-1"], 2, ["--layers"]),
     ("layers-billion", ["measure", "--layers", "1000000000"], 2, ["(--layers)", "needed"]),
     ("prompt-len-0", ["--prompt-len", "0"], 2, ["--prompt-len"]),
-    ("prompt-len-past-positions", ["measure", "--prompt-len", "1000"], 2, ["--prompt-len 1000"]),
-    ("new-tokens-past-positions", ["report", "--new-tokens", "500"], 2, ["--new-tokens 500"]),
+    (
+        "prompt-len-past-positions",
+        ["measure", "--prompt-len", str(_POSITIONS)],
+        2,
+        [f"--prompt-len {_POSITIONS}"],
+    ),
+    (
+        "new-tokens-past-positions",
+        ["report", "--new-tokens", str(_POSITIONS)],
+        2,
+        [f"--new-tokens {_POSITIONS}"],
+    ),
     ("new-tokens-word", ["--new-tokens", "x"], 2, ["--new-tokens"]),
     ("processes-0", ["record", "--processes", "0"], 2, ["--processes"]),
     ("tp-0", ["--tp", "0"], 2, ["--tp"]),
