@@ -107,6 +107,8 @@ from pathlib import Path; import scripts.gate_proof as g; t = Path(\"/tmp/plant\
 p, apply = g._fma_plant(int(\"$1\")); f = t / p; f.write_text(apply(f.read_text()))" &&
         cd /tmp/plant && python3 -m profiling bench -k "$2"' \
         benchplant "${PLANT_FMAS:-55}" "${PLANT_K:-o_proj_residual-0.6b}" ;;
+    # The kernel benchmark compared with this GPU's saved run (PLANT_K: the -k filter).
+    benchcmp) TAILN=30 step benchcmp "$limit" python3 -m profiling bench -k "${PLANT_K:-o_proj_residual-0.6b}" ;;
     # The engine CLI's decode figure next to profiling measure's, same GPU, same settings.
     cli) TAILN=30 step cli "$limit" bash -c 'python3 -m engine --cuda-graph --prompt-len 16 \
         --max-new-tokens 48 && python3 -m profiling measure --batches 1 --out "$0/measure-b1"' \
