@@ -97,7 +97,7 @@ for spec in "$@"; do
     # The same benchmark in a copy of the tree without this GPU's tuned tables: the heuristic.
     benchheur) TAILN=12 step benchheur "$limit" bash -c 'rm -rf /tmp/heur && python3 -c "
 from pathlib import Path; import scripts.gate_proof as g; g.copy_tree(Path(\"/tmp/heur\"))" &&
-        rm -f /tmp/heur/kernels/configs/*/"$1".json && cd /tmp/heur &&
+        rm -f /tmp/heur/kernels/configs/*/"$1".json && cp -r results /tmp/heur/ && cd /tmp/heur &&
         python3 -m pytest -m bench -p no:cacheprovider -q ${BENCH_K:+-k "$BENCH_K"} \
         --benchmark-json="$0/bench-heuristic.json"' "$STAGE" "$SLUG" ;;
     # A slowdown planted in the linear+residual kernel (PLANT_FMAS dependent FMAs per program)
@@ -105,7 +105,7 @@ from pathlib import Path; import scripts.gate_proof as g; g.copy_tree(Path(\"/tm
     benchplant) TAILN=30 step benchplant "$limit" bash -c 'rm -rf /tmp/plant && python3 -c "
 from pathlib import Path; import scripts.gate_proof as g; t = Path(\"/tmp/plant\"); g.copy_tree(t)
 p, apply = g._fma_plant(int(\"$1\")); f = t / p; f.write_text(apply(f.read_text()))" &&
-        cd /tmp/plant && python3 -m profiling bench -k "$2"' \
+        cp -r results /tmp/plant/ && cd /tmp/plant && python3 -m profiling bench -k "$2"' \
         benchplant "${PLANT_FMAS:-55}" "${PLANT_K:-o_proj_residual-0.6b}" ;;
     # The kernel benchmark compared with this GPU's saved run (PLANT_K: the -k filter).
     benchcmp) TAILN=30 step benchcmp "$limit" python3 -m profiling bench -k "${PLANT_K:-o_proj_residual-0.6b}" ;;

@@ -35,6 +35,8 @@ SOURCES = {
 # The runs of results/runs.jsonl that docs/measured.md quotes, by what they show.
 RUNS_QUOTED = {
     "onboard": "2026-12-03-h200-onboard",
+    "bench_gate": "2026-12-03-h200-suite",
+    "engine_cli": "2026-12-03-h200-suite-cli",
     "prefill": "2026-11-25-h100x2-bench-branches",
     "tp": "2026-11-25-h100x2-tp-one-barrier",
     "all_reduce": "2026-11-25-h100x2-bench-branches",
@@ -263,6 +265,39 @@ def _out_of_place() -> list[str]:
     return lines
 
 
+def _bench_gate(runs: list[dict]) -> list[str]:
+    r = _run(runs, RUNS_QUOTED["bench_gate"])
+    f = r["figures"]
+
+    def gated(step: str) -> str:
+        rows = f[step]["rows"]
+        cells = ", ".join(
+            f"{name.split('[')[1].rstrip(']')} {row['change_pct']:+.2f}% ({row['verdict']})"
+            for name, row in rows.items()
+        )
+        return f"{f[step]['verdict']} ({cells})"
+
+    return [
+        f"**The kernel benchmark against the saved run** (`python -m profiling bench -k "
+        f"o_proj_residual-0.6b`, {_where(r)}; fused / unfused ratio against the saved one, limit "
+        f"max(5%, 3 x spread); cuBLAS rows not gated): unchanged code {gated('benchcmp')}; 55 "
+        f"dependent FMAs planted per program of the linear+residual kernel "
+        f"{gated('benchplant-rerun')}.",
+    ]
+
+
+def _engine_cli(runs: list[dict]) -> list[str]:
+    r = _run(runs, RUNS_QUOTED["engine_cli"])
+    cli = r["figures"]["cli"]["engine_cli_decode_tok_s"]
+    measured = r["figures"]["measure-b1"]["b1"]["default"]
+    return [
+        f"**The engine CLI's decode figure** (`python -m engine --cuda-graph --prompt-len 16 "
+        f"--max-new-tokens 48`, {_where(r)}): {cli:.1f} tok/s, against {measured:.1f} from "
+        f"`python -m profiling measure --batches 1` on the same machine "
+        f"({100 * (cli / measured - 1):+.1f}%).",
+    ]
+
+
 def _onboard(runs: list[dict]) -> list[str]:
     r = _run(runs, RUNS_QUOTED["onboard"])
     o = r["figures"]["onboard"]
@@ -418,6 +453,8 @@ def render_measured() -> str:
         _decode_peers(),
         _out_of_place(),
         _onboard(runs),
+        _bench_gate(runs),
+        _engine_cli(runs),
         _ncu(runs),
         ["## The gate and the GPU suite"],
         _suite(runs),
