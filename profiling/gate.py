@@ -259,8 +259,15 @@ def _numerics_message(r: dict) -> str:
     return text + ("" if r["ok"] else ": " + "; ".join(r["failures"]))
 
 
-def compare_kernel_ratios(current: dict, baseline: dict) -> list[Check]:
+def compare_kernel_ratios(current: dict, baseline: dict, notes: list[str]) -> list[Check]:
     checks = []
+    new = sorted(set(current.get("kernel_ratios", {})) - set(baseline["kernel_ratios"]))
+    if new:
+        tp = current["model"].get("tp", 1)
+        notes.append(
+            f"kernel ratios measured but not in the baseline, so not gated: {', '.join(new)} "
+            f"(record the baseline again to gate them: {baselines.record_command(tp)})"
+        )
     for key, base in sorted(baseline["kernel_ratios"].items()):
         cur = current.get("kernel_ratios", {}).get(key)
         if cur is None:
@@ -386,7 +393,7 @@ def compare(current: dict, baseline: dict) -> GateResult:
         *compare_flags(current, baseline),
         *compare_launches(current, baseline, notes),
         *compare_numerics(current),
-        *compare_kernel_ratios(current, baseline),
+        *compare_kernel_ratios(current, baseline, notes),
         *compare_e2e(current, baseline, notes),
     ]
     return GateResult(checks, notes, faster_than_baseline(current, baseline))

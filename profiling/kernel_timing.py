@@ -9,13 +9,21 @@ with its references in one process (docs/definitions.md, "Kernel timing").
   replay's own launch cost is spread over many calls; time per call = replay time / calls.
 - Rounds alternate the implementations (fused, unfused, peers, fused, ...), so that clock and
   thermal drift cancel in the ratio fused / reference of each round; the figure is the median
-  of the per-round ratios. Measured on the H100, the fused/addmm_ ratio of one step repeats to
-  0.05% across processes, far sharper than an absolute time compared across runs.
+  of the per-round ratios. The rounds scatter by a few tenths of a percent, and the median's
+  spread across processes is about what that scatter predicts for the number of rounds
+  (docs/definitions.md, "Kernel timing").
+
+An op the decode step runs alone (no enabled fusion spans it: attention, q/k norm + RoPE, the
+embedding, the final norm, lm_head) is timed the same way against a copy of the bytes it must
+move (``time_step_op``): its inputs are the ones each of its places in the model received in
+a real decode step, so attention reads a live KV cache; the copy is the reference that moves
+with the GPU. The timed step is under the key "fused" in both cases.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import statistics
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -23,11 +31,20 @@ from typing import Any
 import torch
 
 from engine.config import QWEN3_SIZES
-from engine.program import Fusion, call_fused, draw_inputs, external_reads, run_unfused, span_ops
+from engine.program import (
+    Fusion,
+    bytes_moved,
+    call_fused,
+    draw_inputs,
+    external_reads,
+    run_unfused,
+    span_ops,
+)
 from profiling.ranks import aligner
 
 LAYERS = 28
 REFERENCE_UNFUSED = "unfused"
+REFERENCE_COPY = "copy"
 DEFAULT_SIZE = "0.6b"
 
 
@@ -208,6 +225,75 @@ def time_rank_fusion(
     align = aligner(parallel, device)  # every rank starts each timed chain together
     us = time_chains(impls, input_sets, reps=reps, rounds=rounds, replays=replays, align=align)
     return RatioResult(fusion.name, rows, us)
+
+
+def step_op_names(model) -> list[str]:
+    """The ops the model's decode step runs alone under its flags (no enabled fusion spans
+    them), once each, in program order."""
+    return list(dict.fromkeys(s.name for s in model.segments() if s.fusion is None))
+
+
+def step_op_inputs(model, rows: int, context_len: int, seed: int = 0) -> dict[str, list[dict]]:
+    """For every op the step runs alone, the inputs each of its places in the program receives
+    in one decode step of ``rows`` sequences after a random prompt of ``context_len`` tokens:
+    one dict per layer (one for an op outside the layers). Builds a Runner over ``model`` (its
+    KV cache replaces the model's)."""
+    from engine.qwen3 import StepContext
+    from engine.runner import Runner
+
+    device = model.device
+    runner = Runner(model, max_batch_size=rows, max_seq_len=context_len + 1)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    vocab = model.config.vocab_size
+    runner.prefill(torch.randint(vocab, (rows, context_len), device=device, generator=generator))
+    ctx = StepContext(rows, 1, runner.positions[:rows], False, model.rope_cos, model.rope_sin)
+    state = {"ids": torch.randint(vocab, (rows,), device=device, generator=generator), "ctx": ctx}
+    recorded: dict[str, list[dict]] = {}
+    with torch.no_grad():
+        for segment in model.segments():
+            if segment.fusion is None:
+                inputs = {name: get(state) for name, get in segment.inputs}
+                recorded.setdefault(segment.name, []).append(inputs)
+            segment.run(state)
+    return recorded
+
+
+def time_step_op(
+    model,
+    name: str,
+    input_sets: Sequence[dict],
+    rows: int,
+    context_len: int,
+    *,
+    calls: int = 4 * LAYERS,
+    rounds: int = 11,
+    replays: int = 3,
+) -> RatioResult:
+    """Op ``name`` on each of ``input_sets`` (step_op_inputs') against a device copy of the
+    bytes it must move, interleaved round by round; about ``calls`` calls per replay, whatever
+    the number of places (an op outside the layers has one)."""
+    op = model.ops[name]
+    itemsize = torch.finfo(model.dtype).bits // 8
+    moved = bytes_moved([op], [op.writes], model.config, rows, itemsize, context_len + 1)
+    # A copy of n bytes moves 2n (read + write); each place gets its own buffers, as each
+    # layer has its own weights and cache.
+    n = max(1, moved // 2)
+    sets = [
+        {
+            "inputs": inputs,
+            "src": torch.randint(256, (n,), dtype=torch.uint8, device=model.device),
+            "dst": torch.empty(n, dtype=torch.uint8, device=model.device),
+        }
+        for inputs in input_sets
+    ]
+    impls = {
+        "fused": lambda s: op.fn(**s["inputs"]),
+        REFERENCE_COPY: lambda s: s["dst"].copy_(s["src"]),
+    }
+    reps = max(1, math.ceil(calls / len(sets)))
+    with torch.no_grad():
+        us = time_chains(impls, sets, reps=reps, rounds=rounds, replays=replays)
+    return RatioResult(name, rows, us, path="op")
 
 
 def fused_us_per_call(

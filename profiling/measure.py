@@ -433,19 +433,24 @@ def ratio_key(fusion: str, rows: int, reference: str) -> str:
 def measure_kernel_ratios(
     model, plan: Plan, *, only: set[str] | None = None, progress=None
 ) -> dict[str, dict]:
-    """fused / reference per fusion, decode size and reference (unfused ops, each peer).
-    ``only``: measure just these ratio keys' (fusion, rows) (a re-measurement)."""
+    """fused / reference per fusion, decode size and reference (unfused ops, each peer); and
+    per op the step runs alone, op / a copy of its bytes (``step_op_ratios``). ``only``:
+    measure just these ratio keys' (fusion or op, rows) (a re-measurement)."""
     from profiling.kernel_timing import time_fusion
+
+    def wanted(name: str, rows: int) -> bool:
+        return only is None or any(k.startswith(f"{name}/m{rows}/") for k in only)
 
     program = model.program()
     out = {}
     for fusion in applicable_fusions(model):
         for rows in plan.kernel_rows:
-            wanted = only is None or any(k.startswith(f"{fusion.name}/m{rows}/") for k in only)
-            if wanted and fusion.needs_ranks:
+            result = None
+            if wanted(fusion.name, rows) and fusion.needs_ranks:
                 from profiling.kernel_timing import time_rank_fusion
 
-                # Every rank times the same chains (each replay's all-reduces meet the peers').
+                # Every rank times the same chains (each replay's all-reduces meet the peers');
+                # None where its kernel cannot run here: nothing to time.
                 result = time_rank_fusion(
                     fusion,
                     model.parallel,
@@ -454,24 +459,53 @@ def measure_kernel_ratios(
                     model.dtype,
                     rounds=plan.kernel_rounds,
                 )
-                if result is None:  # its kernel cannot run here: nothing to time
-                    wanted = False
-            elif wanted:
+            elif wanted(fusion.name, rows):
                 result = time_fusion(
                     fusion, program, model.config, rows, model.dtype, rounds=plan.kernel_rounds
                 )
-            if wanted:
-                for ref in result.references():
-                    out[ratio_key(fusion.name, rows, ref)] = {
-                        "ratio": result.ratio(ref),
-                        "rounds": result.ratios(ref),
-                        "fused_us": result.median_us("fused"),
-                        "reference_us": result.median_us(ref),
-                        "path": result.path,
-                    }
+            if result is not None:
+                out.update(_ratio_entries(result))
             if progress is not None:
                 progress.update(1)
+    out.update(step_op_ratios(model, plan, wanted))
     return out
+
+
+def step_op_ratios(model, plan: Plan, wanted=lambda name, rows: True) -> dict[str, dict]:
+    """op / copy of its bytes for every op the decode step runs alone (kernel_timing's
+    ``time_step_op``), at each decode size, after ``prompt_len + new_tokens // 2`` tokens (the
+    middle of the timed decode). Single-process models only: under tensor parallelism each
+    op runs on a shard, and its figure is not defined yet."""
+    from profiling.kernel_timing import step_op_inputs, step_op_names, time_step_op
+
+    if world_size(model) > 1:
+        return {}
+    context_len = plan.prompt_len + plan.new_tokens // 2
+    out = {}
+    for rows in plan.kernel_rows:
+        names = [n for n in step_op_names(model) if wanted(n, rows)]
+        if not names:
+            continue
+        inputs = step_op_inputs(model, rows, context_len)
+        for name in names:
+            result = time_step_op(
+                model, name, inputs[name], rows, context_len, rounds=plan.kernel_rounds
+            )
+            out.update(_ratio_entries(result))
+    return out
+
+
+def _ratio_entries(result) -> dict[str, dict]:
+    return {
+        ratio_key(result.fusion, result.rows, ref): {
+            "ratio": result.ratio(ref),
+            "rounds": result.ratios(ref),
+            "fused_us": result.median_us("fused"),
+            "reference_us": result.median_us(ref),
+            "path": result.path,
+        }
+        for ref in result.references()
+    }
 
 
 # ---------------------------------------------------------------------------------------------

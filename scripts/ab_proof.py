@@ -4,12 +4,14 @@
 Each run clones this repository's HEAD into a temporary folder (``git clone --shared``: the
 committed tree), applies one plant there as an uncommitted edit, and runs ``python -m profiling
 ab --base HEAD`` in the clone in a fresh process: the planted tree against its own commit.
-Plants (the FMA chains of scripts/gate_proof.py in the linear+residual kernel: no launch and
-no numerical change; their sizes are first guesses, the A/B reports the effect measured):
+Plants (the FMA chains of scripts/gate_proof.py: no launch and no numerical change; their
+sizes are first guesses, the A/B reports the effect measured):
 
-- ``none``        nothing: an A/A (expect exit 0 and every figure "same")
-- ``kernel_3pct`` a 60-FMA chain: o_proj_residual's kernel ratios ~3% higher
-- ``e2e_2pct``    a 700-FMA chain: default tok/s ~2% lower
+- ``none``           nothing: an A/A (expect exit 0 and every figure "same")
+- ``kernel_3pct``    a 60-FMA chain in the linear+residual kernel: o_proj_residual's and
+                     down_proj_residual's kernel ratios ~3% higher
+- ``attention_3pct`` a 60-FMA chain in decode attention: its ratio to a copy ~3% higher
+- ``e2e_2pct``       a 700-FMA chain in the linear+residual kernel: default tok/s ~2% lower
 
     python -m scripts.ab_proof --plant none --runs 10 --out proof-ab
     python -m scripts.ab_proof --plant kernel_3pct --runs 5 --out proof-ab
@@ -31,10 +33,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from scripts.gate_proof import _fma_plant
+from scripts.gate_proof import _fma_plant, attention_plant
 
 ROOT = Path(__file__).resolve().parent.parent
-PLANTS = {"none": None, "kernel_3pct": _fma_plant(60), "e2e_2pct": _fma_plant(700)}
+PLANTS = {
+    "none": None,
+    "kernel_3pct": _fma_plant(60),
+    "attention_3pct": attention_plant(60),
+    "e2e_2pct": _fma_plant(700),
+}
 BISECT_SUBJECT = "planted slowdown"
 
 

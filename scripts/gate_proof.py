@@ -15,6 +15,10 @@ process, and records the verdict (exit code), the failing checks and the time. P
 - ``numerics_1e2``     o_proj_residual scales the residual by 1.01 (errors ~1e-2)
 - ``fp32_tf32``        the kernel's float32 tl.dot in TF32 instead of IEEE float32
 - ``residual_dropped`` o_proj_residual leaves the residual out
+- ``attention_slow_5pct``    decode attention ~5% slower: a dependent chain of 100 float32
+                             FMAs per program before its output (an op the step runs alone:
+                             its kernel ratio against a copy)
+- ``qk_norm_rope_slow_5pct`` q/k norm + RoPE ~5% slower: a chain of 60 FMAs per program
 
     python -m scripts.gate_proof --out proof --runs 10 --gpus 0 1   # ~8 min on two H100s
     python -m scripts.gate_proof --rejudge proof     # stored runs vs the current baseline
@@ -81,6 +85,32 @@ def _sub(path: str, old: str, new: str):
     return (path, lambda text: text.replace(old, new, 1))
 
 
+def _chain_before(path: str, anchor: str, value: str, n: int):
+    """A dependent chain of ``n`` float32 FMAs on ``value`` (a variable of the kernel), added
+    back times 0 (no numerical change), just before the line ``anchor``."""
+    indent = anchor[: len(anchor) - len(anchor.lstrip())]
+    chain = (
+        f"{indent}# planted: a dependent chain of {n} float32 FMAs per program\n"
+        f"{indent}slow = tl.sum({value}) * 1.0\n"
+        f"{indent}for _ in range({n}):\n"
+        f"{indent}    slow = slow * 1.0000001 + 1e-7\n"
+        f"{indent}{value} = {value} + slow * 0.0\n"
+    )
+    return _sub(path, anchor, chain + anchor)
+
+
+def attention_plant(n: int):
+    """Decode attention ``n`` FMAs slower per program, before its output."""
+    return _chain_before("kernels/decode_attention.py", "    out = acc / l_i[:, None]\n", "l_i", n)
+
+
+def qk_norm_rope_plant(n: int):
+    """q/k norm + RoPE ``n`` FMAs slower per program, after its wait."""
+    return _chain_before(
+        "kernels/qk_norm_rope.py", "    dtype = qkv_ptr.dtype.element_ty\n", "cos", n
+    )
+
+
 O_PROJ = (
     "fused=lambda attn, residual, o_proj_weight: linear_residual(\n"
     "        attn, residual, o_proj_weight, out=residual\n"
@@ -111,6 +141,8 @@ PLANTS = {
     "residual_dropped": _sub(
         "engine/fusions.py", O_PROJ, O_PROJ.replace("out=residual", "0.0, out=residual")
     ),
+    "attention_slow_5pct": attention_plant(100),
+    "qk_norm_rope_slow_5pct": qk_norm_rope_plant(60),
 }
 
 

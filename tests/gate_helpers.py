@@ -11,6 +11,7 @@ from engine_helpers import small_config
 
 import engine
 from profiling import measure, throughput
+from profiling.kernel_timing import step_op_names
 
 H100 = ("NVIDIA H100 80GB HBM3", "nvidia-h100-80gb-hbm3")
 H200 = ("NVIDIA H200", "nvidia-h200")
@@ -65,10 +66,12 @@ def synthetic_report(
     noise: float = 0.002,
     extra_kernels: dict[str, int] | None = None,
     plan: measure.Plan = PLAN,
+    op_ratios: bool = True,
 ) -> dict:
-    """A run of the gate's stages. ``ratio_scale``: multiplies every fused/reference ratio (or
-    per fusion name); ``gain``: per pairing name its speed-up - 1 (default 0.1 each, 0.5 for
-    all); ``extra_kernels``: per segment name, kernels added per instance."""
+    """A run of the gate's stages. ``ratio_scale``: multiplies every kernel ratio (or per
+    fusion or op name); ``gain``: per pairing name its speed-up - 1 (default 0.1 each, 0.5 for
+    all); ``extra_kernels``: per segment name, kernels added per instance; ``op_ratios``: the
+    ratios of the ops the default step runs alone (against a copy) are in the run."""
     rng = random.Random(seed)
     model = model or small_model()
     report = measure.report_header(model, plan)
@@ -76,13 +79,18 @@ def synthetic_report(
     report["launches"] = _launches(model, extra_kernels or {})
     report["numerics"] = []
     ratios = {}
-    for f in report["model"]["fusions"]:
-        scale = ratio_scale.get(f, 1.0) if isinstance(ratio_scale, dict) else ratio_scale
-        refs = ["unfused"] + (["addmm_"] if f.endswith("_residual") and "proj" in f else [])
+    refs = {
+        f: ["unfused"] + (["addmm_"] if f.endswith("_residual") and "proj" in f else [])
+        for f in report["model"]["fusions"]
+    }
+    if op_ratios:
+        refs.update({op: ["copy"] for op in step_op_names(model)})
+    for name, references in refs.items():
+        scale = ratio_scale.get(name, 1.0) if isinstance(ratio_scale, dict) else ratio_scale
         for rows in plan.kernel_rows:
-            for ref in refs:
+            for ref in references:
                 rounds = _noisy(0.5 * scale, noise, rng, plan.kernel_rounds)
-                ratios[measure.ratio_key(f, rows, ref)] = {
+                ratios[measure.ratio_key(name, rows, ref)] = {
                     "ratio": sorted(rounds)[len(rounds) // 2],
                     "rounds": rounds,
                     "fused_us": 3.0 * scale,

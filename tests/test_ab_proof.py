@@ -23,7 +23,7 @@ def test_a_plant_is_one_uncommitted_edit_of_the_kernel(tmp_path, name):
     tree = ab_proof.clone(tmp_path / "tree")
     assert _git(tree, "rev-parse", "HEAD") == _git(ab_proof.ROOT, "rev-parse", "HEAD")
     ab_proof.plant(tree, name)
-    assert _git(tree, "diff", "--name-only").splitlines() == ["kernels/linear_residual.py"]
+    assert _git(tree, "diff", "--name-only").splitlines() == [ab_proof.PLANTS[name][0]]
     assert "planted" in _git(tree, "diff")
 
 

@@ -102,6 +102,39 @@ def test_a_fused_step_5_percent_slower_fails_on_kernel_ratio(model, baseline, fu
     assert within.ok, within.summary()
 
 
+@pytest.mark.parametrize("op", ["attention", "qk_norm_rope", "lm_head", "embed", "final_norm"])
+def test_an_op_the_step_runs_alone_5_percent_slower_fails_on_kernel_ratio(model, baseline, op):
+    result = compare(synthetic_report(seed=7, model=model, ratio_scale={op: 1.05}), baseline)
+    assert _failed(result) == {"kernel_ratio"}
+    assert {c.key for c in result.failures} == {f"{op}/m1/copy", f"{op}/m8/copy"}
+
+
+def test_every_kernel_of_the_default_step_has_a_gated_kernel_ratio(model, baseline):
+    """Each segment of the default step (a fusion, or an op alone) has a kernel-time check."""
+    gated = {
+        c.key.split("/")[0]
+        for c in compare(synthetic_report(seed=2, model=model), baseline).checks
+        if c.stage == "kernel_ratio"
+    }
+    assert {s.name for s in model.segments()} <= gated
+
+
+def test_kernel_ratios_the_baseline_lacks_are_named_in_a_note(model):
+    old = make_baseline(synthetic_report(seed=1, model=model, op_ratios=False))
+    result = compare(synthetic_report(seed=8, model=model), old)
+    assert result.ok, result.summary()
+    (note,) = [n for n in result.notes if "not in the baseline" in n]
+    assert "attention/m1/copy" in note and "profiling record" in note
+    assert not [
+        n
+        for n in compare(
+            synthetic_report(seed=8, model=model),
+            make_baseline(synthetic_report(seed=1, model=model)),
+        ).notes
+        if "not in the baseline" in n
+    ]
+
+
 def test_default_tok_s_below_its_tolerance_fails(model, baseline):
     tol = baseline["e2e"]["b1"]["variants"]["default"]["tolerance"]
     slower = synthetic_report(seed=8, model=model, default_tok_s=1000 * (1 - 1.5 * tol))

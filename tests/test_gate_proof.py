@@ -4,7 +4,8 @@ Every plant, single-GPU and tensor-parallel, still finds its anchor in this tree
 Python that parses; a missing anchor stops the proof naming the plant and the file. The TP
 plants do what they claim where a CPU can tell: an extra aten op per norm_qkv_proj call,
 norm_qkv_proj off by default, the FMA chain valid Triton with no numerical change (run
-interpreted). torchrun's exit code is read back per rank from a real torchrun on CPU;
+interpreted); the attention and q/k norm + RoPE chains compile in their kernels and change
+no output. torchrun's exit code is read back per rank from a real torchrun on CPU;
 ``--rejudge`` judges a stored TP=2 gate run (two H100s) against its TP=2 baseline.
 """
 
@@ -138,6 +139,47 @@ def test_the_all_reduce_fma_chain_is_valid_triton_and_changes_nothing(tmp_path, 
     out = torch.empty_like(x)
     kernel[(3,)](x, out, x.numel(), BLOCK=128)
     assert torch.equal(out, x)
+
+
+@pytest.mark.parametrize(
+    "name, op, launcher",
+    [
+        ("attention_slow_5pct", "attention", "decode_attention"),
+        ("qk_norm_rope_slow_5pct", "qk_norm_rope", "qk_norm_rope_cache_write"),
+    ],
+)
+def test_the_op_chains_run_in_their_kernels_and_change_nothing(
+    tmp_path, monkeypatch, device, name, op, launcher
+):
+    """The planted kernel file, loaded apart, on the inputs a real decode step gave the op:
+    its outputs (and the KV cache it writes) equal the unplanted kernel's bit for bit."""
+    from engine_helpers import small_config
+
+    import engine
+    from engine import qwen3
+    from profiling.kernel_timing import step_op_inputs
+
+    path, apply = gate_proof.PLANTS[name]
+    file = tmp_path / f"planted_{name}.py"
+    file.write_text(apply((ROOT / path).read_text()))
+    spec = importlib.util.spec_from_file_location(f"planted_{name}", file)
+    planted = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(planted)
+
+    model = engine.build(small_config(num_hidden_layers=1), dtype=torch.float32, device=device)
+    (inputs,) = step_op_inputs(model, 2, 6, seed=int(torch.randint(1000, ())))[op]
+    fn = model.ops[op].fn
+
+    def run():
+        copied = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+        return fn(**copied), {k: v for k, v in copied.items() if k.endswith("_cache")}
+
+    want, want_caches = run()
+    monkeypatch.setattr(qwen3, launcher, getattr(planted, launcher))
+    got, got_caches = run()
+    assert torch.equal(got, want)
+    for key in want_caches:
+        assert torch.equal(got_caches[key], want_caches[key]), key
 
 
 def test_tp_numerics_scales_the_residual_in_the_kernel():
