@@ -56,7 +56,7 @@ from engine import parallel as tp
 from engine.config import QWEN3_SIZES
 from engine.memory import MemoryFitError, check_fits, memory_need
 from kernels.runtime import BackendError, check_backend
-from profiling import baselines, breakdown, gate, measure, report, validate
+from profiling import ab, baselines, breakdown, gate, measure, report, validate
 from profiling.baselines import BaselineError
 from profiling.launches import TraceError
 from profiling.ranks import Ranks
@@ -501,7 +501,6 @@ def cmd_bench(args) -> int:
 
 def _ab_repo(what: str) -> Path:
     """The git checkout of this tree (the code running: the A/B's "new" side)."""
-    from profiling import ab
 
     if RANKS.sharded:
         raise UsageError(f"{what} runs in one process: start it without torchrun")
@@ -513,18 +512,16 @@ def _ab_repo(what: str) -> Path:
 
 def _ab_setup(args):
     """The pairs and the measurement of an A/B or a bisect."""
-    from profiling import ab
 
     if not HAS_GPU:
         print(CPU_NOTE)
-    pairs = args.pairs if args.pairs is not None else (3 if HAS_GPU else 1)
+    pairs = args.pairs if args.pairs is not None else (ab.DEFAULT_PAIRS if HAS_GPU else 1)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
     print(f"numerics inputs: seed {seed} in every process (replay with --seed {seed})")
     return pairs, ab.measure_in_process(_measure_args(args), seed)
 
 
 def cmd_ab(args) -> int:
-    from profiling import ab
 
     if args.base is None:
         raise UsageError("ab needs --base REF (the commit to compare this tree with)")
@@ -553,7 +550,6 @@ def cmd_ab(args) -> int:
 
 
 def cmd_bisect(args) -> int:
-    from profiling import ab
 
     if len(args.pytest_args) != 2:
         raise UsageError(
@@ -690,7 +686,7 @@ def parser() -> argparse.ArgumentParser:
         "--pairs",
         type=_positive,
         default=None,
-        help="ab/bisect: pairs of fresh processes (default 3 on a GPU, 1 without)",
+        help=f"ab/bisect: pairs of fresh processes (default {ab.DEFAULT_PAIRS} on a GPU, 1 on CPU)",
     )
     p.add_argument(
         "--figure", default=None, help="bisect: the figure (default: the first BAD is slower on)"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -124,7 +125,8 @@ def _launches(base: dict) -> list[str]:
 
 def _steps(base: dict) -> list[str]:
     ratios = base["kernel_ratios"]
-    fusions = sorted({k.split("/")[0] for k in ratios})
+    # Fusion steps (timed against their unfused ops); ops the step runs alone are not here.
+    fusions = sorted({k.split("/")[0] for k in ratios if k.endswith("/unfused")})
     rows = sorted({k.split("/")[1] for k in ratios}, key=lambda m: int(m[1:]))
     lines = [
         "**Fusion steps, µs per call** (same file; distinct weights chained in one CUDA graph; "
@@ -174,9 +176,30 @@ def _breakdown(report: dict) -> list[str]:
 # --- results/runs.jsonl ----------------------------------------------------------------------
 
 
+# What the GPU suite proves at a commit: a change to any of these after it is unverified.
+GPU_CODE = ("kernels", "engine", "profiling", "tests", "conftest.py", "tox.ini")
+
+
+def changed_since(commit: str, root: Path = ROOT) -> bool | None:
+    """Whether the GPU code in the checkout at ``root`` differs from ``commit``'s (None: no
+    git there, or the commit is unknown to it)."""
+    try:
+        out = subprocess.run(
+            ["git", "diff", "--quiet", commit, "--", *GPU_CODE], cwd=root, capture_output=True
+        )
+    except OSError:
+        return None
+    return {0: False, 1: True}.get(out.returncode)
+
+
+def last_suite(runs: list[dict]) -> dict:
+    return [r for r in runs if "suite" in r["figures"]][-1]
+
+
 def _suite(runs: list[dict]) -> list[str]:
-    """The last run of the whole GPU suite (tox -e gpu's three commands)."""
-    r = [r for r in runs if "suite" in r["figures"]][-1]
+    """The last run of the whole GPU suite (tox -e gpu's three commands), and whether the GPU
+    code has changed since its commit."""
+    r = last_suite(runs)
     suite = r["figures"]["suite"]
     tests = [
         ", ".join(f"{v} {k}" for k, v in p.items() if k in ("passed", "failed", "skipped"))
@@ -186,11 +209,19 @@ def _suite(runs: list[dict]) -> list[str]:
     gate = suite.get("gate", {})
     verdict = f"; `python -m profiling gate` {gate['verdict']} ({gate['checks']} checks, " \
         f"{gate['seconds']} s)" if gate else ""  # fmt: skip
+    changed = changed_since(r["commit"])
+    since = {
+        True: f" The GPU code ({', '.join(GPU_CODE)}) has changed since {r['commit']}: this "
+        "checkout has not run the GPU suite.",
+        False: f" The GPU code is as it was at {r['commit']}.",
+        None: "",
+    }[changed]
     return [
         f"Last GPU suite run ({_where(r)}): correctness tests {tests[0]}"
         + (f"; timing tests {tests[1]}" if len(tests) > 1 else "")
         + verdict
         + "."
+        + since
     ]
 
 
