@@ -23,6 +23,8 @@
 #              (BENCH_K: -k filter)                          and baselines come back too)
 #   bench    python -m profiling bench --save       ab       scripts.compare_trees $AB_BASE . (decode
 #                                                            tok/s of two trees, runs alternating)
+#   abproof  scripts.ab_proof per AB_PROOF entry     abbisect scripts.ab_proof --bisect
+#            ("none:10 attention_3pct:5"; AB_PAIRS)           (BISECT_PLANT; AB_PAIRS)
 #   tp       (>= 2 GPUs) torchrun --nproc-per-node 2 -m profiling measure --size 8b, then the
 #            same on one GPU: decode tok/s of TP=2 and TP=1 from one pass (tp-8b.txt)
 #   tpgate   (>= 2 GPUs) torchrun -m profiling record --force, then gate, on 2 ranks
@@ -138,6 +140,17 @@ p, apply = g._fma_plant(int(\"$1\")); f = t / p; f.write_text(apply(f.read_text(
         # --runs before PROOF_ARGS: a later --runs there wins (argparse keeps the last).
         TAILN=25 step tpproof "$limit" python3 -m scripts.gate_proof --tp 2 --out "$STAGE/tpproof" \
         --gpus 0 1 --runs 3 ${PROOF_ARGS:-} ;;
+    # The A/B proved (scripts.ab_proof): AB_PROOF "PLANT:RUNS ..." (default: one A/A), each
+    # run an `ab --base HEAD` of a clone of HEAD with PLANT uncommitted (AB_PAIRS: --pairs).
+    abproof) read -ra plants <<< "${AB_PROOF:-none:1}"
+        TAILN=30 step abproof "$limit" bash -c 'rc=0; for pr in "$@"; do
+          python3 -m scripts.ab_proof --plant "${pr%%:*}" --runs "${pr#*:}" \
+            --out "'"$STAGE"'/abproof-${pr%%:*}" ${AB_PAIRS:+--pairs "$AB_PAIRS"} || rc=$?
+        done; exit $rc' _ "${plants[@]}" ;;
+    # bisect over 7 commits with one planted (BISECT_PLANT, default attention_3pct).
+    abbisect) TAILN=30 step abbisect "$limit" python3 -m scripts.ab_proof \
+        --bisect "${BISECT_PLANT:-attention_3pct}" --out "$STAGE/abbisect" \
+        ${AB_PAIRS:+--pairs "$AB_PAIRS"} ;;
     *) echo "unknown step $name"; exit 2 ;;
   esac
 done
