@@ -100,6 +100,23 @@ def implementations(fusion: Fusion, ops) -> dict[str, Callable[[dict], Any]]:
     return impls
 
 
+def compiled_span(ops) -> Callable[[dict], Any]:
+    """torch.compile of the span's torch formulas (each op's ``fn64``, run in the inputs'
+    dtype), as ``call(inputs)``: what the compiler makes of the same ops, out of place. The
+    kernel benchmark's ``torch_compile`` peer; not in the gate (compiling takes seconds per
+    shape). A fresh compiled function per call of this, so shapes never share a cache."""
+
+    def span(**inputs):
+        state = dict(inputs)
+        for op in ops:
+            state[op.writes] = op.fn64(**{r.name: state[r.name] for r in op.reads})
+        return state[ops[-1].writes]
+
+    compiled = torch.compile(span, dynamic=False, fullgraph=True)
+    reads = [r.name for r in external_reads(ops)]
+    return lambda inputs: compiled(**{name: inputs[name] for name in reads})
+
+
 def fused_path(fusion: Fusion, inputs: dict, rows: int) -> str:
     """Which path the fused call takes for ``inputs`` at ``rows`` tokens: "gemv" or "cublas"
     (the kernel's own choice: a forced config, this GPU's tuned table, else its heuristic), or

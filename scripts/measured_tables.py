@@ -260,13 +260,18 @@ def _decode_peers() -> list[str]:
 
     files = [ROOT / SOURCES[k] for k in ("bench_heuristic_h200", "bench_tuned_h200")]
     rows = peer_table.table(files, {1, 8})
+    compiled = any("torch_compile" in r["peers"] for row in rows for r in row["runs"] if r)
     return [
         "**Decode sizes, best peer / fused, heuristic and tuned** (NVIDIA H200; µs per call of "
         "the fused step and of the fastest of its one-launch peer `residual.addmm_` and its "
         "unfused ops `F.linear` + add; `heuristic`: the kernel benchmark with this GPU's tuned "
         f"tables removed, `{SOURCES['bench_heuristic_h200']}`; `tuned`: "
         f"`{SOURCES['bench_tuned_h200']}`; `python -m scripts.peer_table` renders it). "
-        "torch.compile is not among the peers measured:",
+        + (
+            "torch.compile of the span (`torch_compile`) is among the peers:"
+            if compiled
+            else "torch.compile is not among the peers measured (these runs predate it):"
+        ),
         "",
         peer_table.render(rows, ["heuristic", "tuned"], markdown=True),
     ]

@@ -4,6 +4,9 @@ peer, every dense Qwen3 size (profiling.kernel_timing.bench_sizes), from decode 
 counts. Timed as the gate times them (profiling/kernel_timing.py): 28 distinct weight sets
 chained in one CUDA graph, replayed.
 
+At decode row counts (``COMPILE_M``) a fusion with a one-launch peer is also timed against
+``torch_compile``: torch.compile of the span's torch formulas (kernel_timing.compiled_span).
+
 pytest-benchmark's stats are seconds per replay (calls_per_replay calls); extra_info holds the
 event-timed median in µs per call (per layer) and the path the fused call took.
 Run: tox -e bench   (python -m profiling bench --save records this GPU's run)
@@ -20,11 +23,19 @@ from engine import fusions as registry
 from engine.config import qwen3_config
 from engine.program import draw_inputs, span_ops
 from engine.qwen3 import Qwen3ForCausalLM
-from profiling.kernel_timing import LAYERS, GraphChain, bench_sizes, fused_path, implementations
+from profiling.kernel_timing import (
+    LAYERS,
+    GraphChain,
+    bench_sizes,
+    compiled_span,
+    fused_path,
+    implementations,
+)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.bench]
 
 M_VALUES = [1, 8, 64, 512, 2048]
+COMPILE_M = (1, 8)  # decode sizes: where the heuristic must stay within 0.95x of every peer
 
 
 def _cases():
@@ -44,7 +55,10 @@ def test_fusion_kernel(benchmark, fusion, size, M):
     generator = torch.Generator(device="cuda").manual_seed(0)
     sets = [draw_inputs(ops, config, M, torch.bfloat16, "cuda", generator) for _ in range(LAYERS)]
     benchmark.extra_info.update(fusion=fusion, size=size, M=M, path=fused_path(f, sets[0], M))
-    _bench(benchmark, f"{fusion} {size} M={M}", implementations(f, ops), sets, M)
+    impls = implementations(f, ops)
+    if f.peers and M in COMPILE_M:
+        impls["torch_compile"] = compiled_span(ops)
+    _bench(benchmark, f"{fusion} {size} M={M}", impls, sets, M)
 
 
 def _bench(benchmark, group: str, impls: dict, sets: list, M: int) -> None:

@@ -1,11 +1,20 @@
 """scripts.peer_table: best peer / fused from saved kernel benchmarks, per step, size and row
-count, one column per file; steps timed at one size only are left out."""
+count, one column per file; steps timed at one size only are left out. The benchmark's
+torch_compile peer computes what the span's unfused ops compute."""
 
 from __future__ import annotations
 
 import json
 import random
 
+import pytest
+import torch
+from engine_helpers import small_config
+
+from engine import fusions as registry
+from engine.program import draw_inputs, run_unfused, span_ops
+from engine.qwen3 import Qwen3ForCausalLM
+from profiling.kernel_timing import compiled_span
 from scripts import peer_table
 
 
@@ -66,3 +75,17 @@ def test_a_file_that_is_not_a_benchmark_is_a_usage_error(tmp_path, capsys):
     bad.write_text("[1, 2]")
     assert peer_table.main([str(bad)]) == 2
     assert "not a kernel benchmark JSON" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fusion", [f.name for f in registry.all_fusions() if f.peers])
+def test_the_torch_compile_peer_computes_the_span(fusion, device):
+    """The kernel benchmark's torch_compile peer (compiled torch formulas of the span) gives
+    what the span's unfused ops give, on fresh inputs."""
+    config = small_config(num_hidden_layers=1)
+    with torch.device("meta"):
+        program = Qwen3ForCausalLM(config).program()
+    ops = span_ops(program, registry.get(fusion))
+    inputs = draw_inputs(ops, config, 3, torch.float32, device)
+    want = run_unfused(ops, {k: v.clone() for k, v in inputs.items()})[ops[-1].writes]
+    got = compiled_span(ops)(inputs)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
