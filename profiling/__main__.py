@@ -342,7 +342,8 @@ def _measure_run(args) -> dict:
     from profiling.gate import measure_gate_stages
 
     model = build_model(args)
-    return measure_gate_stages(model, plan_from(args), seed=_seed(args), **_ranks_kw())
+    plan, seed = plan_from(args), _seed(args)
+    return measure_gate_stages(model, plan, seed=seed, stages=args.stages, **_ranks_kw())
 
 
 def cmd_measure(args) -> int:
@@ -501,7 +502,6 @@ def cmd_bench(args) -> int:
 
 def _ab_repo(what: str) -> Path:
     """The git checkout of this tree (the code running: the A/B's "new" side)."""
-
     if RANKS.sharded:
         raise UsageError(f"{what} runs in one process: start it without torchrun")
     repo = ab.git_toplevel(measure.REPO_ROOT)
@@ -511,18 +511,16 @@ def _ab_repo(what: str) -> Path:
 
 
 def _ab_setup(args):
-    """The pairs and the measurement of an A/B or a bisect."""
-
+    """The pairs, the measure options and the numerics seed of an A/B or a bisect."""
     if not HAS_GPU:
         print(CPU_NOTE)
     pairs = args.pairs if args.pairs is not None else (ab.DEFAULT_PAIRS if HAS_GPU else 1)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
     print(f"numerics inputs: seed {seed} in every process (replay with --seed {seed})")
-    return pairs, ab.measure_in_process(_measure_args(args), seed)
+    return pairs, _measure_args(args), seed
 
 
 def cmd_ab(args) -> int:
-
     if args.base is None:
         raise UsageError("ab needs --base REF (the commit to compare this tree with)")
     repo = _ab_repo("ab")
@@ -530,7 +528,8 @@ def cmd_ab(args) -> int:
         ab.resolve_commit(repo, args.base, "--base")
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
-    pairs, measure_fn = _ab_setup(args)
+    pairs, passed, seed = _ab_setup(args)
+    measure_fn = ab.measure_in_process(passed, seed)
     started = time.perf_counter()
     try:
         result = ab.ab(repo, args.base, measure.REPO_ROOT, pairs, measure_fn)
@@ -550,16 +549,19 @@ def cmd_ab(args) -> int:
 
 
 def cmd_bisect(args) -> int:
-
     if len(args.pytest_args) != 2:
         raise UsageError(
             f"bisect needs GOOD and BAD (two commits), got {len(args.pytest_args)} argument(s)"
         )
     good, bad = args.pytest_args
     repo = _ab_repo("bisect")
-    pairs, measure_fn = _ab_setup(args)
+    pairs, passed, seed = _ab_setup(args)
 
-    def ab_of(good_tree, good_commit, tree, commit):
+    def ab_of(good_tree, good_commit, tree, commit, figure):
+        # Once the figure is known, each process measures only its stage (and batch), where
+        # GOOD's tree can (a tree older than --stages measures every stage).
+        scope = ab.scope_args(figure) if figure and ab.measures_stages(good_tree) else []
+        measure_fn = ab.measure_in_process([*passed, *scope], seed)
         runs = ab.run_pairs(good_tree, good_commit, tree, commit, pairs, measure_fn)
         return ab.compare_runs(runs, good_commit, commit)
 
@@ -692,6 +694,13 @@ def parser() -> argparse.ArgumentParser:
         "--figure", default=None, help="bisect: the figure (default: the first BAD is slower on)"
     )
     p.add_argument(
+        "--stages",
+        nargs="+",
+        choices=gate.STAGE_NAMES,
+        default=None,
+        help="measure: only these stages (default all; bisect measures one figure's stage)",
+    )
+    p.add_argument(
         "--strict",
         action="store_true",
         help="gate: a figure faster than its baseline beyond tolerance fails (re-record)",
@@ -714,6 +723,7 @@ def main(argv: list[str] | None = None) -> int:
         ("base", ("ab",)),
         ("pairs", ("ab", "bisect")),
         ("figure", ("bisect",)),
+        ("stages", ("measure",)),
         ("strict", ("gate",)),
     ):
         if getattr(args, option) not in (None, False) and args.command not in commands:

@@ -104,6 +104,35 @@ def exact_figures(run: dict) -> dict[str, object]:
     return out
 
 
+# The gate's stage that measures a figure, by the figure's kind (its name before the colon).
+STAGE_OF = {
+    "kernel_ratio": "kernel_ratios",
+    "tok_s": "e2e",
+    "speedup": "e2e",
+    "launches": "launches",
+    "numerics": "numerics",
+    "flags": "launches",  # the default fusions are in every run's header
+}
+
+
+def scope_args(figure: str) -> list[str]:
+    """``measure`` options that measure ``figure`` and little else: its stage, and a decode
+    figure's batch alone (``tok_s:b8.default`` -> ``--stages e2e --batches 8``)."""
+    kind, _, rest = figure.partition(":")
+    if kind not in STAGE_OF:
+        raise ValueError(f"{figure!r}: not a figure name (kinds: {', '.join(STAGE_OF)})")
+    args = ["--stages", STAGE_OF[kind]]
+    if STAGE_OF[kind] == "e2e":
+        args += ["--batches", rest.split(".")[0].removeprefix("b")]
+    return args
+
+
+def measures_stages(tree: Path) -> bool:
+    """Whether ``tree``'s ``measure`` takes ``--stages`` (trees older than it measure all)."""
+    cli = tree / "profiling" / "__main__.py"
+    return cli.exists() and '"--stages"' in cli.read_text()
+
+
 # --------------------------------------------------------------------------------------------
 # The statistics
 # --------------------------------------------------------------------------------------------
@@ -424,8 +453,10 @@ class BisectResult:
         return {**dataclasses.asdict(self), "effect": effect}
 
 
-# ab_of(good_tree, good_commit, candidate_tree, candidate_commit) -> the candidate's A/B
-ABOf = Callable[[Path, str, Path, str], ABResult]
+# ab_of(good_tree, good_commit, candidate_tree, candidate_commit, figure) -> the candidate's
+# A/B; ``figure``: the one bisect follows (None while it is not chosen yet): measuring only its
+# stage (scope_args) is enough.
+ABOf = Callable[[Path, str, Path, str, "str | None"], ABResult]
 
 
 def judge(result: ABResult, figure: str, bad: Estimate | dict) -> tuple[str, str]:
@@ -463,13 +494,13 @@ def bisect(
     with tempfile.TemporaryDirectory(prefix="fusionguard-bisect-") as tmp:
         good_tree = export_tree(repo, good_c, Path(tmp) / "good")
 
-        def ab_at(commit: str) -> ABResult:
+        def ab_at(commit: str, figure: str | None) -> ABResult:
             with tempfile.TemporaryDirectory(dir=tmp) as cand:
                 tree = export_tree(repo, commit, Path(cand) / "tree")
-                return ab_of(good_tree, good_c, tree, commit)
+                return ab_of(good_tree, good_c, tree, commit, figure)
 
         log(f"A/B of BAD {bad_c[:12]} against GOOD {good_c[:12]}")
-        at_bad = ab_at(bad_c)
+        at_bad = ab_at(bad_c, figure)
         if figure is None:
             first = at_bad.slower[:1] or at_bad.changed[:1]
             if not first:
@@ -507,7 +538,7 @@ def bisect(
             while True:
                 cand = _git(repo, "rev-parse", "BISECT_HEAD").stdout.strip()
                 try:
-                    result = ab_at(cand)
+                    result = ab_at(cand, figure)
                     verdict, why = judge(result, figure, bad_figure)
                     if verdict == "bad":
                         effects[cand] = result.find(figure)

@@ -65,10 +65,19 @@ STAGES = (
 )
 
 
-def run_stages(model, plan: measure.Plan, current: dict, *, seed: int, log, ranks: Ranks) -> None:
-    """Measure every stage that runs here into ``current`` (the report and the gate)."""
+STAGE_NAMES = tuple(stage.name for stage in STAGES)
+
+
+def run_stages(
+    model, plan: measure.Plan, current: dict, *, seed: int, log, ranks: Ranks, stages=None
+) -> None:
+    """Measure every stage that runs here into ``current`` (the report and the gate);
+    ``stages``: only these (names of ``STAGES``; a bisect measures one figure's)."""
     on_gpu = model.device.type == "cuda"
     for stage in STAGES:
+        if stages is not None and stage.name not in stages:
+            current[f"{stage.name}_note"] = f"not measured: {stage.name} not among the stages asked"
+            continue
         if stage.needs_gpu and not on_gpu:
             current[f"{stage.name}_note"] = f"not measured: {stage.name} needs a CUDA GPU"
             continue
@@ -79,7 +88,7 @@ def run_stages(model, plan: measure.Plan, current: dict, *, seed: int, log, rank
 
 
 def measure_gate_stages(
-    model, plan: measure.Plan, *, seed: int, log=print, ranks: Ranks | None = None
+    model, plan: measure.Plan, *, seed: int, log=print, ranks: Ranks | None = None, stages=None
 ) -> dict:
     """One run of the gate's stages: the report data the comparison reads.
 
@@ -89,7 +98,7 @@ def measure_gate_stages(
     every rank then compares the same figures and re-measures the same checks."""
     ranks = ranks or Ranks.single()
     current = measure.report_header(model, plan)
-    run_stages(model, plan, current, seed=seed, log=log, ranks=ranks)
+    run_stages(model, plan, current, seed=seed, log=log, ranks=ranks, stages=stages)
     if ranks.sharded:
         current["tp"] = measure.tp_summary(model, current, ranks)
     return ranks.share(current)

@@ -295,7 +295,7 @@ def test_a_tree_that_fails_to_measure_names_its_side(tmp_path):
 def _ab_of(pairs: int = 4):
     measure = _fake_measure()
 
-    def ab_of(good_tree, good_commit, tree, commit):
+    def ab_of(good_tree, good_commit, tree, commit, figure):
         runs = ab.run_pairs(good_tree, good_commit, tree, commit, pairs, measure, lambda s: None)
         return compare_runs(runs, good_commit, commit)
 
@@ -332,6 +332,64 @@ def test_bisect_finds_the_planted_slowdown(tmp_path, broken):
     assert "first bad commit" in ab.bisect_text(result)
 
 
+def test_bisect_measures_candidates_on_the_figure_it_follows(tmp_path):
+    """BAD's A/B measures everything (no figure chosen yet); every candidate's, only the
+    figure bisect follows (scope_args: its stage)."""
+    first_bad = random.randrange(2, 6)
+    repo, shas = _repo(tmp_path, [(1.0 if i < first_bad else 1.03, 30, False) for i in range(7)])
+    inner, asked = _ab_of(), []
+
+    def recording(good_tree, good_commit, tree, commit, figure):
+        asked.append(figure)
+        return inner(good_tree, good_commit, tree, commit, figure)
+
+    result = ab.bisect(repo, shas[0], shas[-1], recording, log=lambda line: None)
+    assert result.first_bad == shas[first_bad]
+    assert asked[0] is None and len(asked) > 1
+    assert set(asked[1:]) == {result.figure}
+    given = []
+    ab.bisect(
+        repo, shas[0], shas[-1], lambda *a: given.append(a[-1]) or inner(*a),
+        figure="tok_s:b1.default", log=lambda line: None,
+    )  # fmt: skip
+    assert set(given) == {"tok_s:b1.default"}
+
+
+@pytest.mark.parametrize(
+    ("figure", "args"),
+    [
+        ("kernel_ratio:attention/m1/copy", ["--stages", "kernel_ratios"]),
+        ("kernel_ratio:o_proj_residual/m8/addmm_", ["--stages", "kernel_ratios"]),
+        ("tok_s:b8.default", ["--stages", "e2e", "--batches", "8"]),
+        ("speedup:b1.all", ["--stages", "e2e", "--batches", "1"]),
+        ("launches:default/graph-b1.kernels_per_step", ["--stages", "launches"]),
+        ("numerics:o_proj_residual.residual/bfloat16/m1", ["--stages", "numerics"]),
+        ("flags:default_fusions", ["--stages", "launches"]),
+    ],
+)
+def test_a_figure_is_measured_by_its_own_stage(figure, args):
+    assert ab.scope_args(figure) == args
+    # every figure the A/B names is of a kind scope_args knows
+    names = {
+        *ab.timed_figures(synthetic_report(seed=1)),
+        *ab.exact_figures(synthetic_report(seed=1)),
+    }
+    assert {n.partition(":")[0] for n in names} <= set(ab.STAGE_OF)
+
+
+def test_an_unknown_figure_kind_is_refused_naming_it():
+    with pytest.raises(ValueError, match="'watts:b1'"):
+        ab.scope_args("watts:b1")
+
+
+def test_a_tree_older_than_stages_is_measured_whole(tmp_path):
+    assert ab.measures_stages(ROOT)
+    (tmp_path / "profiling").mkdir()
+    (tmp_path / "profiling" / "__main__.py").write_text('p.add_argument("--figure")\n')
+    assert not ab.measures_stages(tmp_path)
+    assert not ab.measures_stages(tmp_path / "missing")
+
+
 def test_bisect_on_an_exact_figure(tmp_path):
     first_bad = random.randrange(1, 6)
     repo, shas = _repo(tmp_path, [(1.0, 30 + (i >= first_bad), False) for i in range(6)])
@@ -354,11 +412,11 @@ def test_bisect_always_resets_even_when_measuring_fails(tmp_path):
     good_ab = _ab_of()
     seen = []
 
-    def failing(good_tree, good_commit, tree, commit):
+    def failing(good_tree, good_commit, tree, commit, figure):
         seen.append(commit)
         if len(seen) > 1:  # BAD measured; the first candidate raises
             raise RuntimeError("boom")
-        return good_ab(good_tree, good_commit, tree, commit)
+        return good_ab(good_tree, good_commit, tree, commit, figure)
 
     before = _bisect_state(repo)
     with pytest.raises(RuntimeError, match="boom"):
@@ -408,6 +466,8 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
         (["bisect", "HEAD"], "GOOD and BAD"),
         (["report", "--pairs", "2"], "--pairs"),
         (["measure", "--strict"], "--strict"),
+        (["report", "--stages", "numerics"], "--stages"),
+        (["measure", "--stages", "watts"], "--stages"),
     ],
 )
 def test_usage_errors_are_one_line_and_exit_2(args, named):

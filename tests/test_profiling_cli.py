@@ -120,3 +120,17 @@ def test_report_on_cpu_exits_0_and_says_nothing_was_compared(tmp_path):
     result = _run("report", "--out", str(tmp_path), "--seed", "3")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "No CUDA GPU" in result.stdout
+
+
+@pytest.mark.parametrize("stage", ["numerics", "launches"])
+def test_measure_runs_only_the_stages_asked(tmp_path, stage):
+    """``measure --stages``: the stage asked is measured (where it can run here), every other
+    one is left out with a note saying so."""
+    result = _run("measure", "--stages", stage, "--out", str(tmp_path), "--seed", "5")
+    assert result.returncode == 0, result.stderr[-2000:]
+    run = json.loads((tmp_path / "run.json").read_text())
+    for name in ("launches", "numerics", "kernel_ratios", "e2e"):
+        if name == stage and (cli.HAS_GPU or name == "numerics"):
+            assert run[name], name
+        elif name != stage:
+            assert name not in run and "not among the stages asked" in run[f"{name}_note"]
