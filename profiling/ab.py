@@ -39,7 +39,7 @@ LEVEL = 0.95
 # which 33 rounds narrow by about sqrt(3) (docs/definitions.md, "Kernel timing").
 FLOORS = {"kernel_ratio": 0.015, "tok_s": 0.01, "speedup": 0.01}
 # Pairs on a GPU unless --pairs says otherwise: with the noise above, 5 pairs call a 2-3%
-# slowdown "slower" and an unchanged figure "same" nearly always (docs/definitions.md).
+# slowdown "slower" and an unchanged figure "same" nearly always (simulated: scripts/ab_power.py).
 DEFAULT_PAIRS = 5
 # Lower is better for a kernel ratio (fused / reference); higher for tok/s and speed-ups.
 LOWER_IS_BETTER = {"kernel_ratio": True, "tok_s": False, "speedup": False}

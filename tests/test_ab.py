@@ -492,3 +492,19 @@ def test_ab_of_this_tree_against_its_own_commit_on_cpu(tmp_path):
     data = json.loads((tmp_path / "ab.json").read_text())
     assert data["ok"] and data["changed"] == [] and data["pairs"] == 1
     assert (tmp_path / "ab.png").stat().st_size > 1000
+
+
+def test_the_power_simulation_judges_with_the_ab_verdict():
+    """scripts.ab_power: quiet figures come out "same" unchanged and "slower" planted; figures
+    whose noise dwarfs the floor are never "same"; the noise read from every committed
+    baseline is positive for every kind."""
+    from scripts import ab_power
+
+    rng = random.Random()
+    quiet = ab_power.rates("tok_s", 0.001, 5, 300, rng)
+    assert quiet["same"] > 0.95 and quiet["planted_slower"] > 0.95 and quiet["false_slower"] == 0
+    noisy = ab_power.rates("kernel_ratio", 0.05, 5, 300, rng)
+    assert noisy["same"] < 0.05 and noisy["planted_slower"] < 0.5
+    paths = sorted((ROOT / "perf_baselines").glob("*/baseline.json"))
+    sds = ab_power.noise(paths)
+    assert set(sds) == set(ab.FLOORS) and all(s and min(s) > 0 for s in sds.values())
