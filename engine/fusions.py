@@ -16,9 +16,10 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-from engine.program import Fusion
+from engine.program import Fusion, Stage
 from kernels import all_reduce_residual as ar
 from kernels.linear_residual import linear_residual
+from kernels.mlp_block import mlp_block, mlp_block_down, mlp_block_gate_up
 from kernels.rms_norm import add_rms_norm
 from kernels.rms_norm_linear import rms_norm_linear
 from kernels.rms_norm_swiglu import rms_norm_swiglu
@@ -167,6 +168,42 @@ _register_linear_residual(
     x="act",
     weight="down_proj_weight",
     doc="MLP down projection + MLP residual add (in place)",
+)
+
+register(
+    Fusion(
+        "mlp_block",
+        spans=(("post_attention_norm", "gate_up_proj", "silu_mul", "down_proj", "residual_add"),),
+        fused=lambda residual, norm_weight, eps, gate_up_weight, down_proj_weight: mlp_block(
+            residual, norm_weight, gate_up_weight, down_proj_weight, eps
+        ),
+        outputs=("residual",),
+        kernel="mlp_block",
+        kernel_names=("_mlp_block_kernel",),
+        stages=(
+            Stage(
+                "gate_up",
+                ("post_attention_norm", "gate_up_proj", "silu_mul"),
+                lambda residual, norm_weight, eps, gate_up_weight: mlp_block_gate_up(
+                    residual, norm_weight, gate_up_weight, eps
+                ),
+                ("act",),
+            ),
+            Stage(
+                "down",
+                ("down_proj", "residual_add"),
+                lambda act, down_proj_weight, residual: mlp_block_down(
+                    act, residual, down_proj_weight
+                ),
+                ("residual",),
+            ),
+        ),
+        # Off by default until measured against its alternatives, norm_gate_up_silu +
+        # down_proj_residual (two launches a layer).
+        default=False,
+        doc="the MLP block in one persistent launch: post-attention RMSNorm + gate/up + "
+        "SiLU * up, a grid barrier, down projection + MLP residual add (in place)",
+    )
 )
 
 

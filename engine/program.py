@@ -92,6 +92,18 @@ class Op:
 
 
 @dataclasses.dataclass(frozen=True)
+class Stage:
+    """One step of a fusion whose kernel spans several: ``ops``, a run of the span's ops;
+    ``fused(**inputs)`` launches the same kernel for this step alone, taking the run's external
+    inputs by role name and returning ``outputs``."""
+
+    name: str
+    ops: tuple[str, ...]
+    fused: Callable[..., Any]
+    outputs: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
 class Fusion:
     """One registered fusion: what it replaces and the kernel that does it in one launch.
 
@@ -108,6 +120,10 @@ class Fusion:
     (engine/fusions.py), and the suite measures it on every rank through its kernel module's
     ``unavailable_reason(device, group)``, launcher ``<kernel>(x, residual, group)`` (x: this
     rank's partial), ``reference`` (the unfused ops) and ``gathered_float64_reference``.
+    ``stages``: for a kernel that spans several steps in one launch, those steps in order
+    (their ops together are the span); each can be launched alone, so that the suite checks
+    numerics step by step and reads each step's time from the kernel's own timestamps
+    (its module's ``recording_stage_times`` and ``stage_times_us``).
     """
 
     name: str
@@ -121,6 +137,35 @@ class Fusion:
     default: bool = True
     peers: dict[str, Callable[..., Any]] = dataclasses.field(default_factory=dict)
     needs_ranks: bool = False
+    stages: tuple[Stage, ...] = ()
+
+    def __post_init__(self):
+        if self.stages:
+            run = tuple(op for stage in self.stages for op in stage.ops)
+            for span in self.spans:
+                if span != run:
+                    raise ProgramError(
+                        f"fusion {self.name!r}: its stages run {run}, but its span is {span}: "
+                        "the stages, in order, must cover every span exactly"
+                    )
+
+    def stage_fusions(self) -> list[Fusion]:
+        """Each stage as a one-span fusion of its own (named ``<fusion>.<stage>``), its
+        ``fused`` the same kernel launched for that stage alone: what numerics per stage
+        check. Not registered: no flag turns a stage on."""
+        return [
+            Fusion(
+                f"{self.name}.{stage.name}",
+                spans=(stage.ops,),
+                fused=stage.fused,
+                outputs=stage.outputs,
+                kernel=self.kernel,
+                kernel_names=self.kernel_names,
+                doc=f"{self.name}, stage {stage.name} alone",
+                default=False,
+            )
+            for stage in self.stages
+        ]
 
     @property
     def ops(self) -> frozenset[str]:

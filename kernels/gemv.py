@@ -294,13 +294,15 @@ def norm_gemv_plan(
     return Plan((cdiv(N, cfg.BLOCK_N), cdiv(M, cfg.BLOCK_M)), constexprs, options)
 
 
-def check_norm_gemv_inputs(x, norm_weight, weight, eps, out, *, weight_name: str, gated: bool):
+def check_norm_gemv_inputs(
+    x, norm_weight, weight, eps, out, *, weight_name: str, gated: bool, x_name: str = "x"
+):
     """Raise an error naming the argument unless the norm kernels can take these inputs;
     returns the output width (weight's rows, or half of them when ``gated``: gate rows, then
-    up)."""
-    wn = weight_name
-    check_tensor("x", x, last_dim_contiguous=False)
-    check_runnable_device("x", x)
+    up). ``x_name``: the caller's name for x."""
+    wn, xn = weight_name, x_name
+    check_tensor(xn, x, last_dim_contiguous=False)
+    check_runnable_device(xn, x)
     check_tensor("norm_weight", norm_weight, dim=1, device=x.device, last_dim_contiguous=False)
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"{wn} must be a torch.Tensor, got {type(weight).__name__}")
@@ -309,17 +311,18 @@ def check_norm_gemv_inputs(x, norm_weight, weight, eps, out, *, weight_name: str
             f"{wn} must be 2-D [N, K] (nn.Linear layout), got shape {tuple(weight.shape)}"
         )
     check_tensor(wn, weight, device=x.device, last_dim_contiguous=False)
-    check_same_dtype("x", x, norm_weight=norm_weight, **{wn: weight})
+    check_same_dtype(xn, x, norm_weight=norm_weight, **{wn: weight})
     rows, K = weight.shape
     if K == 0:
         raise ValueError(f"{wn} has K=0 input features; expected K >= 1")
     if x.dim() < 1 or x.shape[-1] != K:
         raise ValueError(
-            f"x has shape {tuple(x.shape)} but {wn} is [N={rows}, K={K}]: expected x[..., {K}]"
+            f"{xn} has shape {tuple(x.shape)} but {wn} is [N={rows}, K={K}]: expected "
+            f"{xn}[..., {K}]"
         )
     if norm_weight.shape[0] != K:
         raise ValueError(
-            f"norm_weight has shape {tuple(norm_weight.shape)}; expected [{K}] (x's last dim)"
+            f"norm_weight has shape {tuple(norm_weight.shape)}; expected [{K}] ({xn}'s last dim)"
         )
     if gated and rows % 2:
         raise ValueError(
@@ -331,16 +334,16 @@ def check_norm_gemv_inputs(x, norm_weight, weight, eps, out, *, weight_name: str
         raise ValueError(f"eps must be a positive finite float, got {eps!r}")
     if out is not None:
         check_tensor("out", out, device=x.device)
-        check_same_dtype("x", x, out=out)
+        check_same_dtype(xn, x, out=out)
         expected = (*x.shape[:-1], n_out)
         if tuple(out.shape) != expected:
             raise ValueError(
-                f"out has shape {tuple(out.shape)}; expected {expected} (x's leading dims, "
+                f"out has shape {tuple(out.shape)}; expected {expected} ({xn}'s leading dims, "
                 f"then {'half of ' if gated else ''}{wn}'s rows)"
             )
         if 0 in out.stride() and out.numel() > 1:
             raise ValueError("out has a zero stride (an expanded tensor): rows would overlap")
-        for name, t in (("x", x), ("norm_weight", norm_weight), (wn, weight)):
+        for name, t in ((xn, x), ("norm_weight", norm_weight), (wn, weight)):
             if overlaps(out, t):
                 raise ValueError(f"out overlaps {name}: pass a new tensor")
     return n_out

@@ -130,6 +130,12 @@ def pdl_supported(device: torch.device) -> bool:
     )
 
 
+@functools.cache
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (a persistent grid's size)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def pdl_options(use_pdl: bool) -> dict:
     """Launch options for a kernel that waits with ``gdc_wait`` (Hopper PDL) or not."""
     return {"launch_pdl": True} if use_pdl else {}

@@ -275,11 +275,13 @@ def measure_fusion_numerics(model, plan: Plan, seed: int) -> list[NumericsResult
     for fusion in applicable_fusions(model):
         if fusion.needs_ranks:
             continue
-        for dtype in dict.fromkeys((model.dtype, torch.float32)):
-            for rows in plan.numerics_rows:
-                results += check_fusion(
-                    fusion, program, model.config, rows, dtype, model.device, generator
-                )
+        # A kernel that spans several steps: the whole, then each step alone (same kernel).
+        for checked in (fusion, *fusion.stage_fusions()):
+            for dtype in dict.fromkeys((model.dtype, torch.float32)):
+                for rows in plan.numerics_rows:
+                    results += check_fusion(
+                        checked, program, model.config, rows, dtype, model.device, generator
+                    )
     return results
 
 

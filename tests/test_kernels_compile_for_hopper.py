@@ -44,6 +44,8 @@ for name, module in list(sys.modules.items()):
     if name.startswith("kernels."):
         if hasattr(module, "pdl_supported"):
             module.pdl_supported = lambda device: True  # as on an H100
+        if hasattr(module, "sm_count"):
+            module.sm_count = lambda device: 132  # an H100 SXM's
         if hasattr(module, "overlaps"):  # fake tensors have no addresses: none overlap
             module.overlaps = lambda *tensors: False
 

@@ -75,7 +75,7 @@ def test_one_run_from_rank_0_records_the_tp_size_and_every_rank(tp_run):
     assert [r["rank"] for r in ranks] == [0, 1]
     assert ranks[0]["launches"] and ranks[0]["launches"] == ranks[1]["launches"]
     assert run["tp"]["launches_equal"] and run["tp"]["launch_differences"] == []
-    assert run["tp"]["not_applicable"] == ["o_proj_residual", "down_proj_residual"]
+    assert run["tp"]["not_applicable"] == ["o_proj_residual", "down_proj_residual", "mlp_block"]
     assert "o_proj_residual" not in run["model"]["default_fusions"]
 
 

@@ -82,6 +82,7 @@ def test_alternatives_are_computed_and_refused_with_a_clear_error():
     assert {f.name for f in registry.all_fusions() if f.conflicts_with(add_norm)} == {
         "norm_qkv_proj",
         "down_proj_residual",
+        "mlp_block",
     }
     flags = FusionFlags.default()
     with pytest.raises(ValueError, match="add_rms_norm and down_proj_residual are alternatives"):

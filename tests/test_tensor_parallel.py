@@ -130,7 +130,7 @@ def test_two_ranks_match_one_process(tmp_path, flags):
     assert set(filter(None, got["flags"].split(","))) == expected
     said = "all_reduce_residual is not available here: the tensors are on cpu"
     assert (said in got["warnings"]) == (flags == "default"), got["warnings"]
-    assert got["not_applicable"] == "o_proj_residual,down_proj_residual"
+    assert got["not_applicable"] == "o_proj_residual,down_proj_residual,mlp_block"
     assert "o_proj,o_proj_all_reduce,attn_residual_add" in got["segments"]
     assert "down_proj,down_proj_all_reduce,residual_add" in got["segments"]
     # One process, the same fusions (only the split differs), fed the same tokens.
@@ -328,7 +328,7 @@ def test_every_tensor_is_split_or_replicated_and_the_parts_make_the_whole():
 def test_fusions_that_no_longer_apply_are_left_out_or_refused(tp_fusions):
     with pytest.warns(RuntimeWarning, match="all_reduce_residual is not available here"):
         model = _sharded()
-    assert model.not_applicable == ["o_proj_residual", "down_proj_residual"]
+    assert model.not_applicable == ["o_proj_residual", "down_proj_residual", "mlp_block"]
     assert model.flags.enabled == TP_DEFAULT_ON_CPU
     with pytest.raises(NotApplicable, match="o_proj_residual, down_proj_residual do not apply"):
         model.flags = FusionFlags(TP_DEFAULT - {"all_reduce_residual"} | UNFUSED_UNDER_TP)
