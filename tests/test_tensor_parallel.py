@@ -346,7 +346,7 @@ def test_fusions_that_no_longer_apply_are_left_out_or_refused(tp_fusions):
     all_reduce_residual = registry.get("all_reduce_residual")
     assert len(span_instances(program, all_reduce_residual)) == 2 * CONFIG.num_hidden_layers
     alternatives = {f.name for f in registry.all_fusions() if f.conflicts_with(all_reduce_residual)}
-    assert alternatives == {"o_proj_residual", "down_proj_residual", "add_rms_norm"}
+    assert alternatives == {"o_proj_residual", "down_proj_residual", "add_rms_norm", "mlp_block"}
 
 
 def test_the_launcher_raises_where_its_kernel_cannot_run():
