@@ -173,6 +173,15 @@ def _breakdown(model, current: dict, plan: measure.Plan) -> dict:
             }
     else:
         times = {v: _host_times(model, v, plan) for v in ("default", "none")}
+    # A kernel that spans several steps: its variant's column, each step's time from the
+    # kernel's own stamps in a row under it.
+    for name, staged in current.get("stage_times", {}).items():
+        times[staged["variant"]] = breakdown.with_stages(
+            staged["times"], name, staged["stage_us_per_step"]
+        )
+        for stage in staged["stage_us_per_step"]:
+            groups[f"{name}.{stage}"] = "stage"
+            order.insert(order.index(name) + 1, f"{name}.{stage}")
     context = plan.prompt_len + plan.launch_steps
     floors = measure.segment_floors(model, 1, context, bandwidth)
     return breakdown.build(times, floors, groups, order)
@@ -219,6 +228,7 @@ def cmd_report(args) -> int:
     current = measure.report_header(model, plan)
     gate.run_stages(model, plan, current, seed=seed, log=lambda line: None, ranks=RANKS)
     current["eager"] = measure.measure_eager(model, plan)
+    current["stage_times"] = measure.measure_stage_times(model, plan)
     current["breakdown"] = _breakdown(model, current, plan)
     if RANKS.sharded:
         # Each rank's own step times (its shards, its share of every collective's wait).

@@ -68,6 +68,20 @@ def segment_times(trace: str | Path | dict, names) -> dict:
     }
 
 
+def with_stages(times: dict, fusion: str, stage_us_per_step: dict[str, float]) -> dict:
+    """``times`` (segment_times output) with a row per stage of ``fusion``'s kernel (µs per
+    step from its in-kernel stamps), each marked as part of the fusion's own row."""
+    instances = times["segments"][fusion]["instances_per_step"]
+    segments = dict(times["segments"])
+    for stage, us in stage_us_per_step.items():
+        segments[f"{fusion}.{stage}"] = {
+            "us_per_step": us,
+            "instances_per_step": instances,
+            "part_of": fusion,
+        }
+    return {**times, "segments": segments}
+
+
 def build(
     times: dict[str, dict],
     floors: dict[str, dict],
@@ -89,9 +103,11 @@ def build(
                     "instances_per_step": seg["instances_per_step"],
                     "floor_us": floors.get(name, {}).get("floor_us"),
                     "position": order.index(name) if name in order else len(order),
+                    # A stage's row is a share of its kernel's row: not added again below.
+                    "part_of": seg.get("part_of"),
                 }
             )
-        accounted = sum(r["us_per_step"] for r in rows)
+        accounted = sum(r["us_per_step"] for r in rows if not r["part_of"])
         out[variant] = {
             "source": t["source"],
             "steps": t["steps"],
@@ -121,7 +137,10 @@ def table(breakdown: dict, *, meaningless: bool = False) -> str:
             hit = next((r for r in breakdown[v]["rows"] if r["name"] == name), None)
             cells.append(f"{hit['us_per_step']:.1f}" if hit else "-")
         floor = info[name]["floor_us"]
-        rows.append((name, info[name]["group"], *cells, "n/a" if floor is None else f"{floor:.1f}"))
+        shown = f"  {name}" if info[name].get("part_of") else name
+        rows.append(
+            (shown, info[name]["group"], *cells, "n/a" if floor is None else f"{floor:.1f}")
+        )
     rows.append(
         (
             "(unmarked)",
@@ -139,4 +158,9 @@ def table(breakdown: dict, *, meaningless: bool = False) -> str:
         f"(µs per decode step from {source}"
         + ("; the interpreter's host time: meaningless for a GPU)" if meaningless else ")")
     )
+    if any(r.get("part_of") for v in variants for r in breakdown[v]["rows"]):
+        lines.append(
+            "(an indented row: one stage of the kernel above it, from that kernel's in-kernel "
+            "timestamps; its stages add up to its span, the barrier's wait in the later stage)"
+        )
     return "\n".join(lines)

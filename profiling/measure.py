@@ -445,7 +445,10 @@ def measure_kernel_ratios(
 
     program = model.program()
     out = {}
-    for fusion in applicable_fusions(model):
+    # A kernel that spans several steps: the whole, then each step launched alone (the same
+    # device code), so that a step that slows inside it has a figure of its own.
+    timed = [g for f in applicable_fusions(model) for g in (f, *f.stage_fusions())]
+    for fusion in timed:
         for rows in plan.kernel_rows:
             result = None
             if wanted(fusion.name, rows) and fusion.needs_ranks:
@@ -585,6 +588,70 @@ def segment_floors(model, batch: int, context_len: int, bandwidth_tb_s: float | 
         entry["floor_us"] = (
             floor_us(entry["bytes_per_step"], bandwidth_tb_s) if bandwidth_tb_s else None
         )
+    return out
+
+
+def staged_fusions(model) -> list:
+    """The applicable fusions whose kernel spans several steps and records per-stage
+    timestamps (its module's ``recording_stage_times`` and ``stage_times_us``)."""
+    return [
+        f
+        for f in applicable_fusions(model)
+        if f.stages and hasattr(f.kernel_module(), "recording_stage_times")
+    ]
+
+
+def staged_variant(model, fusion):
+    """The variant that runs ``fusion``: default if it is a default fusion, else alt+f."""
+    variants = {v.name: v for v in launch_variants(model)}
+    return variants["default" if fusion.default else f"alt+{fusion.name}"]
+
+
+def measure_stage_times(model, plan: Plan) -> dict:
+    """For each fusion whose kernel spans several steps (compiled kernels only: the stamps are
+    the GPU's %globaltimer): eager decode of the variant that runs it, under torch.profiler,
+    with the kernel's stamps recorded. Per decode step: the variant's segment times (its trace,
+    as the breakdown reads any variant's) and each stage's time from the stamps (mean per call
+    times the instances a step), and the stages' sum over the kernel's own time."""
+    if INTERPRETING:
+        return {}
+    import statistics
+    import tempfile
+
+    from engine.runner import Runner
+    from profiling.breakdown import segment_times
+    from profiling.launches import record_decode_trace
+
+    out = {}
+    for fusion in staged_fusions(model):
+        module = fusion.kernel_module()
+        variant = staged_variant(model, fusion)
+        saved = model.flags
+        model.flags = variant.flags()
+        try:
+            runner = Runner(model, max_seq_len=plan.prompt_len + plan.launch_steps + 4)
+            with module.recording_stage_times() as calls, tempfile.TemporaryDirectory() as tmp:
+                path = record_decode_trace(
+                    runner, plan.launch_steps, Path(tmp) / "t.json", prompt_len=plan.prompt_len
+                )
+                times = segment_times(path, segment_names(model))
+        finally:
+            model.flags = saved
+        per_call = [module.stage_times_us(stamps) for stamps in calls]
+        segment = times["segments"][fusion.name]
+        instances = segment["instances_per_step"]
+        stages = {
+            stage.name: instances * statistics.mean(c[stage.name] for c in per_call)
+            for stage in fusion.stages
+        }
+        out[fusion.name] = {
+            "variant": variant.name,
+            "calls": len(per_call),
+            "kernel_us_per_step": segment["us_per_step"],
+            "stage_us_per_step": stages,
+            "stages_over_kernel": sum(stages.values()) / segment["us_per_step"],
+            "times": times,
+        }
     return out
 
 

@@ -122,6 +122,20 @@ def numerics_summary(report: dict) -> str:
     return "\n".join(lines)
 
 
+def stage_times_summary(report: dict) -> str:
+    """Per kernel that spans several steps: its stages' times (in-kernel stamps) against the
+    kernel's own time (the profiler's), per decode step."""
+    lines = ["Kernels that span several steps (stages from in-kernel timestamps, eager decode)"]
+    for name, s in report["stage_times"].items():
+        parts = " + ".join(f"{k} {v:.1f}" for k, v in s["stage_us_per_step"].items())
+        lines.append(
+            f"  {name} ({s['variant']}): {parts} = {sum(s['stage_us_per_step'].values()):.1f} "
+            f"µs a step; the kernel {s['kernel_us_per_step']:.1f} µs "
+            f"({s['stages_over_kernel']:.1%} of it in its stages)"
+        )
+    return "\n".join(lines)
+
+
 def text(report: dict, baseline: dict | None) -> str:
     """The whole report as text, sections in the order a reader needs them."""
     sections = []
@@ -137,6 +151,8 @@ def text(report: dict, baseline: dict | None) -> str:
             "Where a decode step's time goes\n"
             + breakdown_mod.table(report["breakdown"], meaningless=report.get("interpreted", False))
         )
+    if report.get("stage_times"):
+        sections.append(stage_times_summary(report))
     if report.get("launches"):
         sections.append("Launches per decode step\n" + launches_table(report, baseline))
     else:
@@ -167,6 +183,8 @@ def plot(report: dict, baseline: dict | None, path: str | Path) -> Path:
     for i, variant in enumerate(bd):
         bottom = 0.0
         for r in bd[variant]["rows"]:
+            if r.get("part_of"):  # a stage: already in its kernel's bar
+                continue
             label = None if r["name"] in labelled else r["name"]
             labelled.add(r["name"])
             color = palette(names.index(r["name"]) % 20)

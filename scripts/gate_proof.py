@@ -19,6 +19,11 @@ process, and records the verdict (exit code), the failing checks and the time. P
                              FMAs per program before its output (an op the step runs alone:
                              its kernel ratio against a copy)
 - ``qk_norm_rope_slow_5pct`` q/k norm + RoPE ~5% slower: a chain of 60 FMAs per program
+- the MLP-block kernel (``mlp_block``, one launch over two steps; gated through its variant
+  ``alt+mlp_block``): ``mlp_block_extra_kernel`` (an extra kernel per instance),
+  ``mlp_block_stage_slow_5pct`` (its down stage 60 FMAs slower per tile, inside the launch),
+  ``mlp_block_numerics`` (the down stage scales the residual by 1.01), ``mlp_block_off``
+  (decode never takes the one-launch kernel: its two-kernel path instead)
 
     python -m scripts.gate_proof --out proof --runs 10 --gpus 0 1   # ~8 min on two H100s
     python -m scripts.gate_proof --rejudge proof     # stored runs vs the current baseline
@@ -111,6 +116,19 @@ def qk_norm_rope_plant(n: int):
     )
 
 
+def mlp_block_stage_plant(n: int):
+    """The MLP-block kernel's down stage ``n`` FMAs slower per tile, inside the one launch."""
+    return _chain_before(
+        MLP_KERNEL, "    mask = (offs_m < M)[:, None] & (offs_n < K)[None, :]\n", "acc", n
+    )
+
+
+MLP_KERNEL = "kernels/mlp_block.py"
+MLP_BLOCK = (
+    "fused=lambda residual, norm_weight, eps, gate_up_weight, down_proj_weight: mlp_block(\n"
+    "            residual, norm_weight, gate_up_weight, down_proj_weight, eps\n"
+    "        ),"
+)
 O_PROJ = (
     "fused=lambda attn, residual, o_proj_weight: linear_residual(\n"
     "        attn, residual, o_proj_weight, out=residual\n"
@@ -143,6 +161,15 @@ PLANTS = {
     ),
     "attention_slow_5pct": attention_plant(100),
     "qk_norm_rope_slow_5pct": qk_norm_rope_plant(60),
+    # The kernel that spans two steps (mlp_block, a variant outside the default).
+    "mlp_block_extra_kernel": _sub(
+        "engine/fusions.py",
+        MLP_BLOCK,
+        MLP_BLOCK.replace("eps\n        ),", "eps\n        ).add_(0),"),
+    ),
+    "mlp_block_stage_slow_5pct": mlp_block_stage_plant(60),
+    "mlp_block_numerics": _sub(MLP_KERNEL, "(acc + r + poison)", "(acc + r * 1.01 + poison)"),
+    "mlp_block_off": _sub(MLP_KERNEL, "MAX_ROWS = 16\n", "MAX_ROWS = 0\n"),
 }
 
 

@@ -335,3 +335,66 @@ def test_a_rank_torchrun_stopped_does_not_give_the_verdict(rank0, rank1, expecte
     """Rank 1 exits first (2, no GPU), torchrun then stops rank 0 (-15): the verdict is 2."""
     log = _TORCHRUN_REPORT.format(rank0=rank0, rank1=rank1)
     assert gate_proof.child_exit(1, log) == expected
+
+
+def _planted_mlp_block(tmp_path, monkeypatch, name):
+    path, apply = gate_proof.PLANTS[name]
+    assert path == gate_proof.MLP_KERNEL
+    file = tmp_path / f"planted_{name}.py"
+    file.write_text(apply((ROOT / path).read_text()))
+    spec = importlib.util.spec_from_file_location(f"planted_{name}", file)
+    planted = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, planted)  # its dataclass looks itself up
+    spec.loader.exec_module(planted)
+    return planted
+
+
+def _mlp_inputs(device):
+    g = torch.Generator().manual_seed(int(torch.randint(1000, ())))
+    residual = torch.randn(3, 64, generator=g)
+    norm_weight = 1 + 0.2 * torch.randn(64, generator=g)
+    gate_up_weight = 0.02 * torch.randn(96, 64, generator=g)
+    down_proj_weight = 0.02 * torch.randn(64, 48, generator=g)
+    return [t.to(device) for t in (residual, norm_weight, gate_up_weight, down_proj_weight)]
+
+
+@pytest.mark.parametrize(
+    "name, changes", [("mlp_block_stage_slow_5pct", False), ("mlp_block_numerics", True)]
+)
+def test_the_mlp_block_kernel_plants_run_in_its_one_launch(
+    tmp_path, monkeypatch, device, name, changes
+):
+    """The planted kernel file, loaded apart: the stage chain changes no output bit, the
+    numerics plant changes the residual."""
+    from kernels.mlp_block import mlp_block
+
+    planted = _planted_mlp_block(tmp_path, monkeypatch, name)
+    residual, *weights = _mlp_inputs(device)
+    want = mlp_block(residual.clone(), *weights, 1e-6)
+    got = planted.mlp_block(residual.clone(), *weights, 1e-6)
+    assert torch.equal(got, want) != changes
+
+
+def test_mlp_block_off_never_takes_the_one_launch_kernel(tmp_path, device, monkeypatch):
+    planted = _planted_mlp_block(tmp_path, monkeypatch, "mlp_block_off")
+    launched = []
+    monkeypatch.setattr(planted, "_launch", lambda *a: launched.append(a))
+    residual, *weights = _mlp_inputs(device)
+    planted.mlp_block(residual[:1].clone(), *weights, 1e-6)
+    assert launched == []
+
+
+def test_mlp_block_extra_kernel_adds_an_op_to_every_call(tmp_path, device):
+    from engine import fusions
+
+    def ops(module):
+        residual, norm_weight, gate_up_weight, down_proj_weight = _mlp_inputs(device)
+        with _CountOps() as mode:
+            module.get("mlp_block").fused(
+                residual, norm_weight, 1e-6, gate_up_weight, down_proj_weight
+            )
+        return mode.ops
+
+    before = ops(fusions)
+    after = ops(_planted_fusions(tmp_path, "mlp_block_extra_kernel"))
+    assert after.count("aten.add_") == before.count("aten.add_") + 1, (before, after)

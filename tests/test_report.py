@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from gate_helpers import small_model, synthetic_report
 
 from profiling import breakdown, report
@@ -68,3 +69,71 @@ def test_plot_writes_a_png(tmp_path):
     assert path.stat().st_size > 10_000
     text = breakdown.table(current["breakdown"])
     assert "o_proj_residual" in text and "6.0" in text and "(unmarked)" in text
+
+
+def test_a_kernel_spanning_steps_shows_its_stages_under_its_row():
+    """Stage rows (from in-kernel stamps) sit under their kernel's row, indented, and are not
+    counted again in the accounted time."""
+    times = {
+        "source": "gpu kernels",
+        "steps": 3,
+        "total_us_per_step": 300.0,
+        "segments": {
+            "mlp_block": {"us_per_step": 200.0, "instances_per_step": 28},
+            "attention": {"us_per_step": 60.0, "instances_per_step": 28},
+        },
+    }
+    staged = breakdown.with_stages(times, "mlp_block", {"gate_up": 120.0, "down": 70.0})
+    built = breakdown.build(
+        {"alt+mlp_block": staged},
+        {},
+        {"mlp_block": "fusion", "attention": "attention", "mlp_block.gate_up": "stage"},
+        ["attention", "mlp_block", "mlp_block.gate_up", "mlp_block.down"],
+    )
+    assert built["alt+mlp_block"]["unmarked_us_per_step"] == 40.0  # 300 - 200 - 60
+    lines = breakdown.table(built).splitlines()
+    names = [line.split()[0] for line in lines[2:6]]
+    assert names == ["attention", "mlp_block", "mlp_block.gate_up", "mlp_block.down"]
+    assert lines[4].startswith("  mlp_block.gate_up") and "120.0" in lines[4]
+    assert "in-kernel timestamps" in lines[-1]
+    summary = report.stage_times_summary(
+        {
+            "stage_times": {
+                "mlp_block": {
+                    "variant": "alt+mlp_block",
+                    "kernel_us_per_step": 200.0,
+                    "stage_us_per_step": {"gate_up": 120.0, "down": 70.0},
+                    "stages_over_kernel": 0.95,
+                }
+            }
+        }
+    )
+    assert "gate_up 120.0 + down 70.0 = 190.0 µs a step; the kernel 200.0 µs (95.0%" in summary
+
+
+def test_stage_times_are_read_from_each_call_of_the_variant_that_runs_the_kernel(monkeypatch):
+    """The plumbing of measure_stage_times on CPU: the interpreter has no %globaltimer, so each
+    whole call of the MLP-block kernel records made-up stamps (1 µs in stage 0, 2 µs in
+    stage 1); the figures per step are the instances a step times those."""
+    from kernels import mlp_block as module
+    from profiling import measure
+
+    real = module._launch
+
+    def stamped(x2, *args):
+        real(x2, *args)
+        first, last = args[-2:]
+        if module._recording and (first, last) == (0, 1):
+            stamps = torch.tensor([[0, 1000, 1500, 3000], [200, 900, 1500, 2800]])
+            module._recording[-1].append(stamps)
+
+    monkeypatch.setattr(module, "_launch", stamped)
+    monkeypatch.setattr(measure, "INTERPRETING", False)
+    model = small_model()
+    got = measure.measure_stage_times(model, measure.CPU_PLAN)
+    assert list(got) == ["mlp_block"] and model.flags == model.default_flags()
+    s = got["mlp_block"]
+    layers = model.config.num_hidden_layers
+    assert s["variant"] == "alt+mlp_block" and s["calls"] >= layers
+    assert s["stage_us_per_step"] == pytest.approx({"gate_up": layers * 1.0, "down": layers * 2.0})
+    assert s["times"]["segments"]["mlp_block"]["instances_per_step"] == layers
