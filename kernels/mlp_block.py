@@ -210,9 +210,10 @@ def _mlp_block_kernel(
     # A barrier that once failed leaves its count wrong: every later call gives NaN.
     broken = tl.load(sync_ptr + 2) != 0
     if FIRST_STAGE == 0:
-        # The first tile's weights (never written by the previous kernel) before the wait.
-        offs_n = pid * BLOCK_N0 + tl.arange(0, BLOCK_N0)
+        # The first tile's weights (never written by the previous kernel) before the wait;
+        # in the loop, the next tile's are loaded before this one is reduced (one ahead).
         offs_k = tl.arange(0, BLOCK_K0)
+        offs_n = pid * BLOCK_N0 + tl.arange(0, BLOCK_N0)
         wg = load_weight_tile(wgu_ptr, offs_n, offs_k, I, K, stride_gn, stride_gk, False)
         wu = load_weight_tile(
             wgu_ptr + I * stride_gn, offs_n, offs_k, I, K, stride_gn, stride_gk, False
@@ -224,25 +225,25 @@ def _mlp_block_kernel(
             tl.store(stamps_ptr + pid * 4, _now())
         x0 = load_x(x_ptr, offs_m, offs_k, M, K, stride_xm, stride_xk)
         rstd = row_rstd(x0, x_ptr, offs_m, M, K, stride_xm, stride_xk, eps, BLOCK_K0)
-        _gate_up_tile(
-            x_ptr, nw_ptr, wgu_ptr, act_ptr, offs_m, offs_n, wg, wu, nw, rstd, M, I, K,
-            stride_xm, stride_xk, stride_nw, stride_gn, stride_gk, stride_am, BLOCK_K0,
-        )  # fmt: skip
-        for tile in range(pid + num_programs, tl.cdiv(I, BLOCK_N0), num_programs):
+        for tile in range(pid, tl.cdiv(I, BLOCK_N0), num_programs):
             offs_n = tile * BLOCK_N0 + tl.arange(0, BLOCK_N0)
-            wg = load_weight_tile(wgu_ptr, offs_n, offs_k, I, K, stride_gn, stride_gk, False)
-            wu = load_weight_tile(
-                wgu_ptr + I * stride_gn, offs_n, offs_k, I, K, stride_gn, stride_gk, False
+            ahead = offs_n + num_programs * BLOCK_N0  # masked beyond the last tile
+            wg_ahead = load_weight_tile(wgu_ptr, ahead, offs_k, I, K, stride_gn, stride_gk, False)
+            wu_ahead = load_weight_tile(
+                wgu_ptr + I * stride_gn, ahead, offs_k, I, K, stride_gn, stride_gk, False
             )
             _gate_up_tile(
                 x_ptr, nw_ptr, wgu_ptr, act_ptr, offs_m, offs_n, wg, wu, nw, rstd, M, I, K,
                 stride_xm, stride_xk, stride_nw, stride_gn, stride_gk, stride_am, BLOCK_K0,
             )  # fmt: skip
+            wg = wg_ahead
+            wu = wu_ahead
         if STAMPS:
             tl.store(stamps_ptr + pid * 4 + 1, _now())
     if LAST_STAGE == 1:
-        offs_n = pid * BLOCK_N1 + tl.arange(0, BLOCK_N1)
+        # The down weight's first tile is in flight while the barrier waits.
         offs_k = tl.arange(0, BLOCK_K1)
+        offs_n = pid * BLOCK_N1 + tl.arange(0, BLOCK_N1)
         w = load_weight_tile(wd_ptr, offs_n, offs_k, K, I, stride_dn, stride_dk, False)
         if FIRST_STAGE == 0:
             broken = _grid_barrier(sync_ptr, num_programs, broken, SPIN_LIMIT)
@@ -251,17 +252,15 @@ def _mlp_block_kernel(
         if STAMPS:
             tl.store(stamps_ptr + pid * 4 + 2, _now())
         poison = tl.where(broken, float("nan"), 0.0)
-        _down_tile(
-            act_ptr, wd_ptr, x_ptr, offs_m, offs_n, w, poison, M, I, K,
-            stride_am, stride_dn, stride_dk, stride_xm, stride_xk, BLOCK_K1,
-        )  # fmt: skip
-        for tile in range(pid + num_programs, tl.cdiv(K, BLOCK_N1), num_programs):
+        for tile in range(pid, tl.cdiv(K, BLOCK_N1), num_programs):
             offs_n = tile * BLOCK_N1 + tl.arange(0, BLOCK_N1)
-            w = load_weight_tile(wd_ptr, offs_n, offs_k, K, I, stride_dn, stride_dk, False)
+            ahead = offs_n + num_programs * BLOCK_N1
+            w_ahead = load_weight_tile(wd_ptr, ahead, offs_k, K, I, stride_dn, stride_dk, False)
             _down_tile(
                 act_ptr, wd_ptr, x_ptr, offs_m, offs_n, w, poison, M, I, K,
                 stride_am, stride_dn, stride_dk, stride_xm, stride_xk, BLOCK_K1,
             )  # fmt: skip
+            w = w_ahead
         if STAMPS:
             tl.store(stamps_ptr + pid * 4 + 3, _now())
     if USE_PDL:
