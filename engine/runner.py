@@ -108,6 +108,27 @@ class Runner:
     @torch.inference_mode()
     def decode(self, token_ids: torch.Tensor) -> torch.Tensor:
         """One token per sequence [B] at each sequence's next position -> logits [B, V]."""
+        self._advance(token_ids)
+        with mark("decode_step"):
+            if self.cuda_graph and self.device.type == "cuda":
+                return self._decode_graphed(token_ids, greedy=False)
+            return self._decode_eager(token_ids)
+
+    @torch.inference_mode()
+    def decode_greedy(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """``decode`` and the greedy next token: token ids [B] -> next token ids [B] (int64).
+
+        In a CUDA graph the argmax is captured too and writes the graph's own input buffer,
+        which is what this returns: passing it back in, a step is one replay (no copy in, no
+        logits out). The next call overwrites it: clone it to keep it."""
+        self._advance(token_ids)
+        with mark("decode_step"):
+            if self.cuda_graph and self.device.type == "cuda":
+                return self._decode_graphed(token_ids, greedy=True)
+            return self._decode_eager(token_ids).argmax(-1)
+
+    def _advance(self, token_ids: torch.Tensor) -> None:
+        """Check a decode step's input and take the next position (host mirror)."""
         if token_ids.dim() != 1:
             raise ValueError(f"token_ids must be 1-D [batch], got shape {tuple(token_ids.shape)}")
         B = token_ids.shape[0]
@@ -118,10 +139,6 @@ class Runner:
         if self._next_position >= self.max_seq_len:
             raise ValueError(f"the KV cache is full (max_seq_len {self.max_seq_len})")
         self._next_position += 1
-        with mark("decode_step"):
-            if self.cuda_graph and self.device.type == "cuda":
-                return self._decode_graphed(token_ids)
-            return self._decode_eager(token_ids)
 
     def _decode_eager(self, token_ids: torch.Tensor) -> torch.Tensor:
         B = token_ids.shape[0]
@@ -131,27 +148,34 @@ class Runner:
         positions.add_(1)
         return logits
 
-    def _decode_graphed(self, token_ids: torch.Tensor) -> torch.Tensor:
+    def _decode_graphed(self, token_ids: torch.Tensor, greedy: bool) -> torch.Tensor:
         B = token_ids.shape[0]
-        key = (B, self.model.flags.key())
+        # A greedy step's graph holds the argmax too: a key of its own.
+        key = (B, self.model.flags.key(), "greedy") if greedy else (B, self.model.flags.key())
         if key not in self._graphs:
             # First step of this key: eager on a side stream (warms up Triton, cuBLAS), then
             # capture. Capture executes nothing, so the state the eager step left is kept.
             stream = torch.cuda.Stream(device=self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):
-                logits = self._decode_eager(token_ids)
+                out = self._decode_eager(token_ids)
+                if greedy:
+                    out = out.argmax(-1)
             torch.cuda.current_stream(self.device).wait_stream(stream)
-            self._graphs[key] = self._capture(B)
-            return logits
+            self._graphs[key] = self._capture(B, greedy)
+            return out
         entry = self._graphs[key]
         if entry is None:  # capture failed before (warned once)
-            return self._decode_eager(token_ids)
-        entry.token_ids.copy_(token_ids, non_blocking=True)
+            out = self._decode_eager(token_ids)
+            return out.argmax(-1) if greedy else out
+        if token_ids.data_ptr() != entry.token_ids.data_ptr():
+            entry.token_ids.copy_(token_ids, non_blocking=True)
         entry.graph.replay()
+        if greedy:
+            return entry.token_ids  # the next token, already where the next replay reads it
         return entry.logits.clone()  # the next replay overwrites the static buffer
 
-    def _capture(self, B: int) -> _DecodeGraph | None:
+    def _capture(self, B: int, greedy: bool = False) -> _DecodeGraph | None:
         try:
             token_ids = torch.zeros(B, dtype=torch.int64, device=self.device)
             graph = torch.cuda.CUDAGraph()
@@ -159,6 +183,8 @@ class Runner:
                 self._graph_pool = torch.cuda.graph_pool_handle()
             with torch.cuda.graph(graph, pool=self._graph_pool):
                 logits = self._decode_eager(token_ids)
+                if greedy:
+                    token_ids.copy_(logits.argmax(-1))
             return _DecodeGraph(graph, token_ids, logits)
         except Exception as exc:
             warnings.warn(
@@ -216,8 +242,14 @@ class Runner:
             tokens = [sample(self.prefill(input_ids), temperature, top_k, generator)]
             if bar is not None:
                 bar.update(1)
+            token = tokens[-1]
             for _ in range(max_new_tokens - 1):
-                tokens.append(sample(self.decode(tokens[-1]), temperature, top_k, generator))
+                if temperature == 0:
+                    token = self.decode_greedy(token)  # the argmax inside the graph
+                    tokens.append(token.clone())
+                else:
+                    token = sample(self.decode(token), temperature, top_k, generator)
+                    tokens.append(token)
                 if bar is not None:
                     bar.update(1)
         finally:

@@ -1,10 +1,11 @@
 """Decode tokens/s, timed one way for the engine's command line and the profiling suite.
 
 One timed run: rewind the runner to ``prompt_len`` (the same context every time),
-synchronize, decode ``new_tokens`` steps (each ``runner.decode`` then greedy argmax),
-synchronize. tokens/s = batch * new_tokens / elapsed, the garbage collector held off (eager
-decode is host-bound). Warm-up (compilation, CUDA-graph capture) is the caller's: time runs
-after one untimed run of the same steps.
+synchronize, decode ``new_tokens`` steps (each ``runner.decode_greedy``: the step and its
+greedy argmax, both inside the CUDA graph when graphed, one replay a token), synchronize.
+tokens/s = batch * new_tokens / elapsed, the garbage collector held off (eager decode is
+host-bound). Warm-up (compilation, CUDA-graph capture) is the caller's: time runs after one
+untimed run of the same steps.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def decode_rate(runner, token, prompt_len: int, new_tokens: int, align=None) -> 
             align()
         start = time.perf_counter()
         for _ in range(new_tokens):
-            token = runner.decode(token).argmax(-1)
+            token = runner.decode_greedy(token)
         sync(runner.device)
         elapsed = time.perf_counter() - start
     finally:

@@ -138,13 +138,14 @@ def test_cache_positions_agree_with_the_runner(device):
 
 
 def test_printed_prefill_and_decode_exclude_the_first_slow_step(monkeypatch, capsys):
-    """The first prefill and the first decode step sleep SLOW_S (as compilation or CUDA-graph
-    capture would take): had either been timed, the printed figures could not be below it."""
+    """The first prefill and the first (greedy) decode step sleep SLOW_S (as compilation or
+    CUDA-graph capture would take): had either been timed, the printed figures could not be
+    below it."""
     from engine.config import SMALL_CONFIG_PATH
     from engine.runner import Runner
 
     slow_s, steps, rounds = 4.0, 4, 2
-    calls = {"prefill": 0, "decode": 0}
+    calls = {"prefill": 0, "decode_greedy": 0}
 
     def slow_first(name):
         original = getattr(Runner, name)
@@ -177,4 +178,4 @@ def test_printed_prefill_and_decode_exclude_the_first_slow_step(monkeypatch, cap
     assert ms_per_step < 1e3 * slow_s / steps, out
     assert abs(1e3 / float(decode[1]) - ms_per_step) <= 0.01 * ms_per_step  # batch 1
     # one untimed run and `rounds` timed runs of the decode steps; two prefills
-    assert calls == {"prefill": 2, "decode": steps * (1 + rounds)}
+    assert calls == {"prefill": 2, "decode_greedy": steps * (1 + rounds)}

@@ -138,7 +138,8 @@ def test_cuda_graph_decode_equals_eager(dtype):
             expected = eager.generate(prompt, 12)
             got = graphed.generate(prompt, 12)
             assert torch.equal(got, expected), f"batch {batch} fused={fused}"
-            assert graphed.captured_graphs == [(batch, model.flags.key())]
+            # generate() decodes greedily: the argmax in the graph, a key of its own.
+            assert graphed.captured_graphs == [(batch, model.flags.key(), "greedy")]
     # Flipping the flag on one runner mid-generation uses (and captures) the other graph.
     runner = engine.Runner(model, max_seq_len=64, cuda_graph=True)
     reference = engine.Runner(model, max_seq_len=64)
@@ -154,6 +155,26 @@ def test_cuda_graph_decode_equals_eager(dtype):
     assert sorted(runner.captured_graphs) == sorted(
         [(1, without), (1, engine.FusionFlags.default().key())]
     )
+
+
+def test_decode_greedy_is_decode_then_argmax(model, device):
+    """Eager (and on a GPU, graphed) greedy steps give the tokens decode + argmax gives, when
+    the returned buffer is passed back and when another tensor is passed in."""
+    prompt = torch.randint(0, model.config.vocab_size, (2, 5), device=device)
+    graphs = [False, True] if device.type == "cuda" else [False]
+    for cuda_graph in graphs:
+        reference = engine.Runner(model, max_batch_size=2, max_seq_len=32)
+        runner = engine.Runner(model, max_batch_size=2, max_seq_len=32, cuda_graph=cuda_graph)
+        ref = reference.prefill(prompt).argmax(-1)
+        token = runner.prefill(prompt).argmax(-1)
+        for step in range(8):
+            ref = reference.decode(ref).argmax(-1)
+            # Steps 0-1 warm up and capture; from then on the graph's own buffer comes back,
+            # except at step 5, where a copy goes in.
+            token = runner.decode_greedy(token.clone() if step == 5 else token)
+            assert token.dtype == torch.int64 and torch.equal(token, ref), (cuda_graph, step)
+        if cuda_graph:
+            assert runner.captured_graphs == [(2, model.flags.key(), "greedy")]
 
 
 @pytest.mark.gpu
