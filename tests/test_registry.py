@@ -7,48 +7,29 @@ from __future__ import annotations
 
 import pytest
 import torch
-import triton
-import triton.language as tl
 from engine_helpers import assert_logits_close, small_config
 from gate_helpers import small_model, synthetic_report
+from toy_kernel import scaled_add
 
 import engine
 from engine import fusions as registry
 from engine.flags import FusionFlags
 from engine.program import Fusion, ProgramError, segments, span_instances
-from kernels.launch_checks import check_runnable_device
 from profiling import measure, report, throughput
 from profiling.baselines import make_baseline
 from profiling.gate import compare
 from profiling.numerics import check_fusion
 
 # --------------------------------------------------------------------------------------------
-# The toy: one kernel, one declaration, registered here for each test (tests/test_add_a_fusion.py
-# follows docs/add-a-fusion.md step by step)
+# The toy: the kernel of tests/toy_kernel.py, one declaration, registered here for each test
+# (tests/test_add_a_fusion.py follows docs/add-a-fusion.md step by step with the same kernel)
 # --------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _scaled_add_kernel(r_ptr, o_ptr, out_ptr, n, scale, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    r = tl.load(r_ptr + offs, mask=mask).to(tl.float32)
-    o = tl.load(o_ptr + offs, mask=mask).to(tl.float32)
-    tl.store(out_ptr + offs, (r + scale * o).to(out_ptr.dtype.element_ty), mask=mask)
-
-
-def scaled_residual_add(residual, o, scale=1.0):
-    check_runnable_device("residual", residual)
-    out = torch.empty_like(residual)
-    n = residual.numel()
-    _scaled_add_kernel[(triton.cdiv(n, 4096),)](residual, o.contiguous(), out, n, scale, BLOCK=4096)
-    return out
 
 
 TOY = Fusion(
     "toy_residual_add",
     spans=(("attn_residual_add",),),
-    fused=lambda residual, o: scaled_residual_add(residual, o),
+    fused=lambda residual, o: scaled_add(residual, o),
     outputs=("residual",),
     kernel="toy",
     kernel_names=("_scaled_add_kernel",),
@@ -133,9 +114,7 @@ def test_the_toy_is_checked_by_the_numerics_rule(toy, device, monkeypatch):
         results = check_fusion(toy, model.program(), model.config, 4, dtype, device)
         assert [r.name for r in results] == ["toy_residual_add.residual"]
         assert all(r.ok for r in results), [r.summary() for r in results]
-    broken = Fusion(
-        **{**toy.__dict__, "fused": lambda residual, o: scaled_residual_add(residual, o, 1.01)}
-    )
+    broken = Fusion(**{**toy.__dict__, "fused": lambda residual, o: scaled_add(residual, o, 1.01)})
     bad = check_fusion(broken, model.program(), model.config, 4, torch.float32, device)
     assert not bad[0].ok
 
