@@ -376,12 +376,20 @@ def span_ops(program: Sequence[BoundOp], fusion: Fusion) -> tuple[Op, ...]:
     return tuple(b.op for b in program[start:stop])
 
 
-def run_unfused(ops: Sequence[Op], inputs: dict[str, Any]) -> dict[str, Any]:
-    """The span's ops one after the other (the path a fusion replaces); returns every write."""
+def run_ops(
+    ops: Sequence[Op], inputs: dict[str, Any], formula: Callable[[Op], Callable] = lambda op: op.fn
+) -> dict[str, Any]:
+    """The ops one after the other, each through ``formula(op)`` (its kernel by default);
+    returns the inputs and every write."""
     state = dict(inputs)
     for op in ops:
-        state[op.writes] = op.fn(**{r.name: state[r.name] for r in op.reads})
+        state[op.writes] = formula(op)(**{r.name: state[r.name] for r in op.reads})
     return state
+
+
+def run_unfused(ops: Sequence[Op], inputs: dict[str, Any]) -> dict[str, Any]:
+    """The span's ops one after the other (the path a fusion replaces); returns every write."""
+    return run_ops(ops, inputs)
 
 
 def run_float64(

@@ -37,6 +37,7 @@ from engine.program import (
     call_fused,
     draw_inputs,
     external_reads,
+    run_ops,
     run_unfused,
     span_ops,
 )
@@ -107,10 +108,7 @@ def compiled_span(ops) -> Callable[[dict], Any]:
     shape). A fresh compiled function per call of this, so shapes never share a cache."""
 
     def span(**inputs):
-        state = dict(inputs)
-        for op in ops:
-            state[op.writes] = op.fn64(**{r.name: state[r.name] for r in op.reads})
-        return state[ops[-1].writes]
+        return run_ops(ops, inputs, lambda op: op.fn64)[ops[-1].writes]
 
     compiled = torch.compile(span, dynamic=False, fullgraph=True)
     reads = [r.name for r in external_reads(ops)]
