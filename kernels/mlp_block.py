@@ -39,9 +39,11 @@ Two ways to run it, one kernel:
   (``rms_norm_swiglu`` then ``linear_residual``).
 
 With ``STAMPS`` each program writes four ``%globaltimer`` readings (ns) to a ``[programs, 4]``
-buffer: after its wait for the previous kernel, at the end of its stage-0 work, after the
-barrier, at the end of its stage-1 work. ``stage_times_us`` turns them into each stage's time
-(the barrier's wait counted in stage 1), and ``recording_stage_times`` collects them per call.
+buffer: at its start (before its first loads and its wait for the previous kernel, so that
+the stages cover what a profiler counts as the kernel's time), at the end of its stage-0 work,
+after the barrier, at the end of its stage-1 work. ``stage_times_us`` turns them into each
+stage's time (the barrier's wait counted in stage 1), and ``recording_stage_times`` collects
+them per call.
 """
 
 from __future__ import annotations
@@ -208,6 +210,8 @@ def _mlp_block_kernel(
     num_programs = tl.num_programs(0)
     offs_m = tl.arange(0, BLOCK_M)
     # A barrier that once failed leaves its count wrong: every later call gives NaN.
+    if STAMPS:
+        tl.store(stamps_ptr + pid * 4, _now())
     broken = tl.load(sync_ptr + 2) != 0
     if FIRST_STAGE == 0:
         # The first tile's weights (never written by the previous kernel) before the wait;
@@ -221,8 +225,6 @@ def _mlp_block_kernel(
         nw = load_norm_weight(nw_ptr, offs_k, K, stride_nw)
         if USE_PDL:
             tl.extra.cuda.gdc_wait()
-        if STAMPS:
-            tl.store(stamps_ptr + pid * 4, _now())
         x0 = load_x(x_ptr, offs_m, offs_k, M, K, stride_xm, stride_xk)
         rstd = row_rstd(x0, x_ptr, offs_m, M, K, stride_xm, stride_xk, eps, BLOCK_K0)
         for tile in range(pid, tl.cdiv(I, BLOCK_N0), num_programs):
@@ -439,7 +441,8 @@ def _launch(x2, norm_weight, gate_up_weight, down_proj_weight, act, eps, first, 
     whole = first == 0 and last == 1
     stamps = None
     if whole and _recording and not INTERPRETING:  # %globaltimer needs the GPU
-        stamps = torch.zeros(cfg.programs, STAMPS_PER_PROGRAM, dtype=torch.int64, device=x2.device)
+        # Every program writes all four: no fill launched before the kernel.
+        stamps = torch.empty(cfg.programs, STAMPS_PER_PROGRAM, dtype=torch.int64, device=x2.device)
         _recording[-1].append(stamps)
     sync = _sync_buffer(x2.device)
     check_32bit_indexing(

@@ -188,26 +188,33 @@ def test_bad_inputs_name_the_argument(device):
 
 @pytest.mark.gpu
 def test_stage_times_cover_the_kernel(device):
-    """The in-kernel stamps: every program's four readings in order, and the stages' sum (the
-    kernel's span from its first stamp to its last) within 5% of its CUDA-event time, less a
-    launch's start (a few µs)."""
+    """The in-kernel stamps: every program's four readings in order, every stage's time
+    positive, and the stages' sum (the span from the first stamp to the last) within the
+    kernel's own duration as the profiler measures it, and at least half of it. The report
+    prints the same comparison per decode step."""
+    from torch.profiler import ProfilerActivity, profile
+
     if device.type != "cuda":
         pytest.skip("the stamps are read from the GPU's %globaltimer")
     inputs = _inputs(1, 3072, 1024, torch.bfloat16, device)
     residual = inputs[0].clone()
     for _ in range(3):
         mlp_block(residual, *inputs[1:], EPS)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    with module.recording_stage_times() as calls:
+    torch.cuda.synchronize()
+    with (
+        module.recording_stage_times() as calls,
+        profile(activities=[ProfilerActivity.CUDA]) as prof,
+    ):
+        for _ in range(5):
+            mlp_block(residual, *inputs[1:], EPS)
         torch.cuda.synchronize()
-        start.record()
-        mlp_block(residual, *inputs[1:], EPS)
-        end.record()
-        torch.cuda.synchronize()
-    (stamps,) = calls
-    assert (stamps[:, 1:] >= stamps[:, :-1]).all() and (stamps[:, 0] > 0).all()
-    times = module.stage_times_us(stamps)
-    assert set(times) == set(module.STAGES) and all(t > 0 for t in times.values())
-    event_us = start.elapsed_time(end) * 1e3
-    assert sum(times.values()) <= event_us
-    assert sum(times.values()) >= 0.95 * event_us - 5.0, (times, event_us)
+    assert len(calls) == 5
+    sums = []
+    for stamps in calls:
+        assert (stamps[:, 1:] >= stamps[:, :-1]).all() and (stamps[:, 0] > 0).all()
+        times = module.stage_times_us(stamps)
+        assert set(times) == set(module.STAGES) and all(t > 0 for t in times.values())
+        sums.append(sum(times.values()))
+    (kernel,) = [e for e in prof.key_averages() if "_mlp_block_kernel" in e.key]
+    kernel_us = kernel.device_time_total / kernel.count
+    assert 0.5 * kernel_us <= sum(sums) / len(sums) <= 1.01 * kernel_us, (sums, kernel_us)
