@@ -209,9 +209,9 @@ def _mlp_block_kernel(
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     offs_m = tl.arange(0, BLOCK_M)
-    # A barrier that once failed leaves its count wrong: every later call gives NaN.
     if STAMPS:
         tl.store(stamps_ptr + pid * 4, _now())
+    # A barrier that once failed leaves its count wrong: every later call gives NaN.
     broken = tl.load(sync_ptr + 2) != 0
     if FIRST_STAGE == 0:
         # The first tile's weights (never written by the previous kernel) before the wait;
