@@ -524,9 +524,25 @@ def _headline(bases: dict[str, dict]) -> list[str]:
     lines += [
         "",
         f"{counts['default/graph-b1']:.0f} kernels a token with the default fusions, "
-        f"{counts['none/graph-b1']:.0f} with none.",
+        f"{counts['none/graph-b1']:.0f} with none." + _not_yet_baselined(bases),
     ]
     return lines
+
+
+def _not_yet_baselined(bases: dict[str, dict]) -> str:
+    """The single-process fusions registered now that a baseline does not list: on that GPU
+    the gate exits 3 until the baseline is recorded again."""
+    from engine import fusions as registry
+
+    registered = {f.name for f in registry.all_fusions()}
+    new = sorted({n for b in bases.values() for n in registered - set(b["model"]["fusions"])})
+    if not new:
+        return ""
+    return (
+        f" Registered since these baselines were recorded: {', '.join(new)} (on their GPUs "
+        "`python -m profiling gate` exits 3, not yet baselined, until `python -m profiling "
+        "record --force`)."
+    )
 
 
 def _marks(name: str) -> tuple[str, str]:
