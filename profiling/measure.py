@@ -637,16 +637,18 @@ def measure_stage_times(model, plan: Plan) -> dict:
                 times = segment_times(path, segment_names(model))
         finally:
             model.flags = saved
-        per_call = [module.stage_times_us(stamps) for stamps in calls]
         segment = times["segments"][fusion.name]
         instances = segment["instances_per_step"]
+        # The profiled decode steps are the last calls (the prefill and warm-up come first).
+        profiled = calls[-round(instances * times["steps"]) :]
+        per_call = [module.stage_times_us(stamps) for stamps in profiled]
         stages = {
             stage.name: instances * statistics.mean(c[stage.name] for c in per_call)
             for stage in fusion.stages
         }
         out[fusion.name] = {
             "variant": variant.name,
-            "calls": len(per_call),
+            "calls": len(per_call),  # kernel calls in the profiled steps
             "kernel_us_per_step": segment["us_per_step"],
             "stage_us_per_step": stages,
             "stages_over_kernel": sum(stages.values()) / segment["us_per_step"],

@@ -113,8 +113,9 @@ def test_a_kernel_spanning_steps_shows_its_stages_under_its_row():
 
 def test_stage_times_are_read_from_each_call_of_the_variant_that_runs_the_kernel(monkeypatch):
     """The plumbing of measure_stage_times on CPU: the interpreter has no %globaltimer, so each
-    whole call of the MLP-block kernel records made-up stamps (1 µs in stage 0, 2 µs in
-    stage 1); the figures per step are the instances a step times those."""
+    whole call of the MLP-block kernel records made-up stamps (a decode call: 1 µs in stage 0,
+    2 µs in stage 1; the prefill's calls, with more rows, ten times that); the figures per
+    step are the instances a step times the decode calls' (the prefill's are left out)."""
     from kernels import mlp_block as module
     from profiling import measure
 
@@ -125,7 +126,7 @@ def test_stage_times_are_read_from_each_call_of_the_variant_that_runs_the_kernel
         first, last = args[-2:]
         if module._recording and (first, last) == (0, 1):
             stamps = torch.tensor([[0, 1000, 1500, 3000], [200, 900, 1500, 2800]])
-            module._recording[-1].append(stamps)
+            module._recording[-1].append(stamps * (1 if x2.shape[0] == 1 else 10))
 
     monkeypatch.setattr(module, "_launch", stamped)
     monkeypatch.setattr(measure, "INTERPRETING", False)
@@ -134,6 +135,7 @@ def test_stage_times_are_read_from_each_call_of_the_variant_that_runs_the_kernel
     assert list(got) == ["mlp_block"] and model.flags == model.default_flags()
     s = got["mlp_block"]
     layers = model.config.num_hidden_layers
-    assert s["variant"] == "alt+mlp_block" and s["calls"] >= layers
+    assert s["variant"] == "alt+mlp_block"
+    assert s["calls"] == layers * measure.CPU_PLAN.launch_steps  # the profiled steps' calls
     assert s["stage_us_per_step"] == pytest.approx({"gate_up": layers * 1.0, "down": layers * 2.0})
     assert s["times"]["segments"]["mlp_block"]["instances_per_step"] == layers
