@@ -401,9 +401,9 @@ def stage_times_us(stamps: torch.Tensor) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------
 
 
-def _check(residual, norm_weight, gate_up_weight, down_proj_weight, eps) -> int:
-    """Raise an error naming the argument unless the kernel can take these inputs; returns I."""
-    I = gemv.check_norm_gemv_inputs(
+def _check_gate_up(residual, norm_weight, gate_up_weight, eps) -> int:
+    """Stage 0's inputs (errors name the argument); returns I, gate_up_weight's rows / 2."""
+    return gemv.check_norm_gemv_inputs(
         residual,
         norm_weight,
         gate_up_weight,
@@ -413,6 +413,11 @@ def _check(residual, norm_weight, gate_up_weight, down_proj_weight, eps) -> int:
         gated=True,
         x_name="residual",
     )
+
+
+def _check(residual, norm_weight, gate_up_weight, down_proj_weight, eps) -> int:
+    """Raise an error naming the argument unless the kernel can take these inputs; returns I."""
+    I = _check_gate_up(residual, norm_weight, gate_up_weight, eps)
     K = gate_up_weight.shape[1]
     check_tensor(
         "down_proj_weight", down_proj_weight, device=residual.device, last_dim_contiguous=False
@@ -497,16 +502,7 @@ def mlp_block_gate_up(
     residual: torch.Tensor, norm_weight: torch.Tensor, gate_up_weight: torch.Tensor, eps: float
 ) -> torch.Tensor:
     """Stage 0 alone (one launch of the same kernel): returns act [..., I]."""
-    I = gemv.check_norm_gemv_inputs(
-        residual,
-        norm_weight,
-        gate_up_weight,
-        eps,
-        None,
-        weight_name="gate_up_weight",
-        gated=True,
-        x_name="residual",
-    )
+    I = _check_gate_up(residual, norm_weight, gate_up_weight, eps)
     K = gate_up_weight.shape[1]
     act = torch.empty((*residual.shape[:-1], I), dtype=residual.dtype, device=residual.device)
     if act.numel() == 0:
