@@ -129,6 +129,35 @@ def test_a_wrong_stage_fails_the_check(device):
         )
 
 
+@pytest.mark.parametrize(
+    "config",
+    [
+        module.Config(programs=3, BLOCK_M=4, BLOCK_N0=8, BLOCK_K0=32, BLOCK_N1=16, BLOCK_K1=16),
+        module.Config(programs=1, BLOCK_M=4, BLOCK_N0=64, BLOCK_K0=128, BLOCK_N1=128, BLOCK_K1=64),
+    ],
+    ids=["many-tiles-and-chunks", "one-tile-one-chunk"],
+)
+def test_forced_configurations(config, device):
+    """Any tiling is the same formula: several tiles a program, several chunks a tile (the
+    loops and the weights loaded one tile ahead), or one of each. On CPU a grid of more than
+    one program would wait forever at the barrier: each stage is launched alone there."""
+    from kernels import tuning
+
+    residual, norm_weight, gate_up_weight, down_proj_weight = _inputs(
+        3, INTER, K, torch.float32, device
+    )
+    expected = mlp_block_float64(residual, norm_weight, gate_up_weight, down_proj_weight, EPS)
+    reference = mlp_block_reference(residual, norm_weight, gate_up_weight, down_proj_weight, EPS)
+    with tuning.use_config(module.KERNEL, config):
+        got = residual.clone()
+        if config.programs == 1 or device.type == "cuda":
+            mlp_block(got, norm_weight, gate_up_weight, down_proj_weight, EPS)
+        else:
+            act = mlp_block_gate_up(residual, norm_weight, gate_up_weight, EPS)
+            mlp_block_down(act, got, down_proj_weight)
+    assert_close_to_reference(got, reference, expected, what=f"mlp_block {config}")
+
+
 def _sync(device):
     return module._sync_buffer(torch.device(device))
 
