@@ -43,7 +43,9 @@ class Role:
     found at ``source`` (an attribute path) on the op's module, shape ``dims`` (``init`` says
     how the suite draws one: "weight" ~ N(0, 0.02), "norm" ~ 1 + 0.2 N(0, 1)); ``const``: the
     config attribute ``source``; ``ctx``: the step context (positions, batch layout).
-    ``dims`` name config dimensions (see ``dim``).
+    ``dims`` name config dimensions (see ``dim``). ``draw(config, rows, dtype, device,
+    generator)``, where given, is how the suite draws a role that dims cannot describe (the
+    step context, a KV cache).
     """
 
     name: str
@@ -51,6 +53,7 @@ class Role:
     dims: tuple[str, ...] = ()
     source: str = ""
     init: str = "weight"
+    draw: Callable[..., Any] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -445,13 +448,15 @@ def draw_inputs(
     generator: torch.Generator | None = None,
 ) -> dict[str, Any]:
     """Fresh inputs of a span at the model's shapes: activations ~ N(0, 1) [rows, ...],
-    weights ~ N(0, 0.02), norm weights ~ 1 + 0.2 N(0, 1), constants from the config.
-    Never zeros."""
+    weights ~ N(0, 0.02), norm weights ~ 1 + 0.2 N(0, 1), constants from the config, and
+    roles with a ``draw`` of their own as it says. Never zeros."""
     kw = {"device": device, "generator": generator}
     inputs: dict[str, Any] = {}
     for role in external_reads(ops):
         shape = tuple(dim(config, d) for d in role.dims)
-        if role.kind == ACT:
+        if role.draw is not None:
+            inputs[role.name] = role.draw(config, rows, dtype, device, generator)
+        elif role.kind == ACT:
             inputs[role.name] = torch.randn(rows, *shape, **kw).to(dtype)
         elif role.kind == PARAM:
             noise = torch.randn(*shape, **kw)

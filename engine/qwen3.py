@@ -45,8 +45,8 @@ from engine.program import (
     segments,
     span_instances,
 )
-from kernels.decode_attention import decode_attention
-from kernels.qk_norm_rope import qk_norm_rope_cache_write, rope_tables
+from kernels.decode_attention import decode_attention, decode_attention_reference
+from kernels.qk_norm_rope import qk_norm_rope_cache_write, qk_norm_rope_reference, rope_tables
 from kernels.rms_norm import rms_norm
 from kernels.silu_mul import silu_mul
 
@@ -117,11 +117,29 @@ def _silu_mul_bound(inputs, bounds):
     return (up * dsilu).abs() * d_gate + (gate * s).abs() * d_up + d_gate * d_up
 
 
+# A span that reads the KV cache is drawn at decode, with caches of this many positions and
+# each sequence's new token at a random position below it.
+DRAWN_CONTEXT = 64
+
+
+def _draw_ctx(config, rows, dtype, device, generator):
+    """A decode step's context: one token per sequence, positions in 1..DRAWN_CONTEXT-1."""
+    cos, sin = rope_tables(config.head_dim, DRAWN_CONTEXT, config.rope_theta, device=device)
+    positions = torch.randint(1, DRAWN_CONTEXT, (rows,), device=device, generator=generator)
+    return StepContext(rows, 1, positions.to(torch.int32), False, cos, sin)
+
+
+def _draw_cache(config, rows, dtype, device, generator):
+    """A KV cache [rows, Hkv, DRAWN_CONTEXT, D] of N(0, 1) values."""
+    shape = (rows, config.num_key_value_heads, DRAWN_CONTEXT, config.head_dim)
+    return torch.randn(*shape, device=device, generator=generator).to(dtype)
+
+
 def qwen3_ops(config: Qwen3Config) -> dict[str, Op]:
     """The ops of a Qwen3 model with this config, by name."""
     H, Hkv, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     eps = Role("eps", CONST, source="rms_norm_eps")
-    ctx = Role("ctx", CTX)
+    ctx = Role("ctx", CTX, draw=_draw_ctx)
 
     def act(name, *dims):
         return Role(name, ACT, dims)
@@ -182,6 +200,26 @@ def qwen3_ops(config: Qwen3Config) -> dict[str, Op]:
             eps=config.rms_norm_eps,
         )
 
+    def qk_norm_rope64(qkv, q_norm_weight, k_norm_weight, k_cache, v_cache, ctx):
+        """The formula on float64 inputs: q normed and rotated in qkv, k (normed, rotated) and
+        v written to the caches at each token's position."""
+        q, k, v = qk_norm_rope_reference(
+            qkv, q_norm_weight, k_norm_weight, ctx.cos, ctx.sin, ctx.positions,
+            num_heads=H, num_kv_heads=Hkv, head_dim=D, eps=config.rms_norm_eps,
+        )  # fmt: skip
+        T = qkv.shape[0]
+        seq = torch.arange(T, device=qkv.device) // ctx.tokens_per_seq
+        pos = ctx.positions.long()
+        k_cache[seq, :, pos] = k
+        v_cache[seq, :, pos] = v
+        return torch.cat([q.reshape(T, H * D), qkv[:, H * D :]], dim=-1)
+
+    def attention64(qkv, k_cache, v_cache, ctx):
+        """Decode attention on float64 inputs (one token per sequence)."""
+        B = ctx.batch_size
+        q = qkv[:, : H * D].reshape(B, H, D)
+        return decode_attention_reference(q, k_cache, v_cache, ctx.positions).reshape(B, H * D)
+
     def attention(qkv, k_cache, v_cache, ctx):
         B, P = ctx.batch_size, ctx.tokens_per_seq
         q = qkv[:, : H * D]
@@ -203,7 +241,10 @@ def qwen3_ops(config: Qwen3Config) -> dict[str, Op]:
         # decode: each sequence's keys and values over its live length
         return 2 * rows * Hkv * context_len * D * itemsize
 
-    caches = (param("k_cache", "self_attn.k_cache"), param("v_cache", "self_attn.v_cache"))
+    caches = tuple(
+        Role(name, PARAM, source=f"self_attn.{name}", draw=_draw_cache)
+        for name in ("k_cache", "v_cache")
+    )
     ops = [
         Op(
             "embed",
@@ -245,6 +286,7 @@ def qwen3_ops(config: Qwen3Config) -> dict[str, Op]:
             ),
             "qkv",
             qk_norm_rope,
+            qk_norm_rope64,
             out_dims=("qkv_size",),
         ),
         Op(
@@ -252,6 +294,7 @@ def qwen3_ops(config: Qwen3Config) -> dict[str, Op]:
             (act("qkv", "q_size"), *caches, ctx),
             "attn",
             attention,
+            attention64,
             group="attention",
             out_dims=("q_size",),
             extra_bytes=kv_bytes,

@@ -238,15 +238,17 @@ def decode_attention(
 
 
 def decode_attention_reference(q, k_cache, v_cache, positions, *, scale=None):
-    """Per sequence: float32 softmax attention over cache positions 0..positions[b]."""
+    """Per sequence: softmax attention over cache positions 0..positions[b], in float32 (in
+    float64 for float64 inputs: the float64 formula)."""
     B, H, D = q.shape
     group = H // k_cache.shape[1]
     scale = D**-0.5 if scale is None else scale
+    acc = torch.promote_types(q.dtype, torch.float32)
     outs = []
     for b in range(B):
         length = int(positions[b]) + 1
-        k = k_cache[b, :, :length].float().repeat_interleave(group, dim=0)
-        v = v_cache[b, :, :length].float().repeat_interleave(group, dim=0)
-        weights = torch.softmax((q[b].float()[:, None, :] @ k.transpose(1, 2)) * scale, dim=-1)
+        k = k_cache[b, :, :length].to(acc).repeat_interleave(group, dim=0)
+        v = v_cache[b, :, :length].to(acc).repeat_interleave(group, dim=0)
+        weights = torch.softmax((q[b].to(acc)[:, None, :] @ k.transpose(1, 2)) * scale, dim=-1)
         outs.append((weights @ v)[:, 0])
     return torch.stack(outs).to(q.dtype)

@@ -154,3 +154,66 @@ def test_the_toy_is_counted_timed_gated_and_reported(toy):
     assert toy.name in text
     assert toy.name in report.ratios_table(current, baseline)
     assert toy.name in report.e2e_table(current, baseline)
+
+
+# --------------------------------------------------------------------------------------------
+# Spans over the ops that read the step context and the KV cache
+# --------------------------------------------------------------------------------------------
+
+
+def _ops(names):
+    model = small_model(layers=1)
+    return model, [model.ops[n] for n in names]
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_the_cache_ops_float64_formulas_match_their_kernels(rows, device):
+    """q/k norm + RoPE + cache write, then decode attention, on drawn inputs (a step context
+    and caches of their own): the float64 formulas give what the kernels give in float32, for
+    the output and for the rows written to the caches."""
+    from engine.program import draw_inputs, run_float64, run_unfused
+
+    model, ops = _ops(("qk_norm_rope", "attention"))
+    generator = torch.Generator(device=device).manual_seed(int(torch.randint(1000, ())))
+    inputs = draw_inputs(ops, model.config, rows, torch.float32, device, generator)
+    ctx = inputs["ctx"]
+    assert ctx.batch_size == rows and int(ctx.positions.min()) >= 1
+    exact = run_float64(ops, inputs)
+    got = run_unfused(ops, {k: v.clone() if torch.is_tensor(v) else v for k, v in inputs.items()})
+    for name in ("attn", "qkv", "k_cache", "v_cache"):
+        torch.testing.assert_close(got[name].double(), exact[name], rtol=1e-5, atol=1e-5)
+    # The new rows were written: the caches differ from their draw at each position.
+    seq, pos = torch.arange(rows), ctx.positions.long().cpu()
+    assert not torch.equal(
+        exact["k_cache"][seq, :, pos].cpu(), inputs["k_cache"][seq, :, pos].double().cpu()
+    )
+
+
+def test_a_fusion_may_span_the_cache_ops_and_is_checked_by_the_numerics_rule(device):
+    """A toy fusion over (qk_norm_rope, attention) (the two kernels called back to back) passes
+    the numerics rule; the same with its output scaled by 1.01 fails it."""
+    from engine.program import run_unfused
+
+    model, ops = _ops(("qk_norm_rope", "attention"))
+
+    def fused(scale):
+        return lambda **inputs: run_unfused(ops, inputs)["attn"] * scale
+
+    toy = Fusion(
+        "toy_qk_attention",
+        spans=(("qk_norm_rope", "attention"),),
+        fused=fused(1.0),
+        outputs=("attn",),
+        kernel="toy",
+        kernel_names=("_qk_norm_rope_kernel", "_decode_attention_kernel"),
+        default=False,
+        doc="q/k norm + RoPE + cache write, then attention (a test's toy)",
+    )
+    program = model.program()
+    for dtype in (torch.float32, torch.bfloat16):
+        for rows in (1, 4):
+            (result,) = check_fusion(toy, program, model.config, rows, dtype, device)
+            assert result.ok, result.failures
+    planted = Fusion(**{**toy.__dict__, "fused": fused(1.01)})
+    (bad,) = check_fusion(planted, program, model.config, 4, torch.float32, device)
+    assert not bad.ok
