@@ -154,8 +154,8 @@ class Fusion:
 
     def stage_fusions(self) -> list[Fusion]:
         """Each stage as a one-span fusion of its own (named ``<fusion>.<stage>``), its
-        ``fused`` the same kernel launched for that stage alone: what numerics per stage
-        check. Not registered: no flag turns a stage on."""
+        ``fused`` the same kernel launched for that stage alone: what the numerics and the
+        kernel-time figures per stage run. Not registered: no flag turns a stage on."""
         return [
             Fusion(
                 f"{self.name}.{stage.name}",
