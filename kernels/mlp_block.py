@@ -31,12 +31,14 @@ be stream-ordered, as the engine's are.
 
 Two ways to run it, one kernel:
 
-- whole (compiled, at most ``MAX_ROWS`` rows): one launch, both stages, the barrier between;
+- whole (at most ``MAX_ROWS`` rows): one launch, both stages, the barrier between. Under
+  Triton's interpreter, which runs programs one after another (a grid of several would wait
+  forever at the barrier), the grid is one program, which meets itself there;
 - one stage a launch (``FIRST_STAGE == LAST_STAGE``, no barrier): what ``mlp_block_gate_up``
-  and ``mlp_block_down`` launch, for numerics per stage, and what the launcher runs under
-  Triton's interpreter, which runs programs one after another and would wait forever at a
-  barrier. Prefill (more rows) takes the unfused kernels' fused pair instead
-  (``rms_norm_swiglu`` then ``linear_residual``).
+  and ``mlp_block_down`` launch, for numerics and kernel time per stage.
+
+Prefill (more rows) takes the two kernels the default path runs instead (``rms_norm_swiglu``
+then ``linear_residual``).
 
 With ``STAMPS`` each program writes four ``%globaltimer`` readings (ns) to a ``[programs, 4]``
 buffer: at its start (before its first loads and its wait for the previous kernel, so that
