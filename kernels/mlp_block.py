@@ -346,9 +346,13 @@ def _config(M: int, I: int, K: int, device: torch.device) -> Config:
 _sync: dict[torch.device, torch.Tensor] = {}
 
 
-def _sync_buffer(device: torch.device) -> torch.Tensor:
+def _sync_buffer(device: torch.device | str) -> torch.Tensor:
     """[arrivals, generation, failed] (int32), zeroed once per device on first (eager) use,
-    so that a CUDA graph captured later never allocates it."""
+    so that a CUDA graph captured later never allocates it. "cuda" is the current CUDA
+    device, as for a tensor made there (one buffer per GPU, however it is named)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     buf = _sync.get(device)
     if buf is None:
         buf = _sync[device] = torch.zeros(4, dtype=torch.int32, device=device)
@@ -358,15 +362,12 @@ def _sync_buffer(device: torch.device) -> torch.Tensor:
 def barrier_failed(device: torch.device | str) -> bool:
     """Whether a grid barrier on ``device`` ever timed out (its outputs were NaN since);
     reads the device (a sync)."""
-    buf = _sync.get(torch.device(device))
-    return bool(buf is not None and int(buf[2].item()) != 0)
+    return int(_sync_buffer(device)[2].item()) != 0
 
 
 def reset_barrier(device: torch.device | str) -> None:
     """Zero the barrier's buffer on ``device`` (after a failure; no call may be in flight)."""
-    buf = _sync.get(torch.device(device))
-    if buf is not None:
-        buf.zero_()
+    _sync_buffer(device).zero_()
 
 
 _recording: list[list[torch.Tensor]] = []

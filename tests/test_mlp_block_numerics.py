@@ -159,7 +159,7 @@ def test_forced_configurations(config, device):
 
 
 def _sync(device):
-    return module._sync_buffer(torch.device(device))
+    return module._sync_buffer(device)
 
 
 def test_the_barrier_resets_itself(device):
