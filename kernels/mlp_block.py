@@ -545,7 +545,7 @@ def mlp_block_down(
         linear_residual(a2, x2, down_proj_weight, out=x2)
         return residual
     # Stage 0's pointers are unread here: the down weight stands in for them.
-    _launch(x2, down_proj_weight[0], down_proj_weight, down_proj_weight, a2, 1e-6, 1, 1)
+    _launch(x2, down_proj_weight, down_proj_weight, down_proj_weight, a2, 1e-6, 1, 1)
     return residual
 
 

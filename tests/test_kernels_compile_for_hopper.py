@@ -5,7 +5,8 @@ The interpreter runs kernels as Python over numpy: it accepts code the GPU compi
 (shapes, constexpr use, casts). Here a subprocess imports the kernels in compiled mode, runs
 the engine's launchers on fake CUDA tensors (torch's FakeTensorMode: shapes, strides and dtypes
 without memory) with each launch recorded instead of run (PDL on, as on an H100), for every
-fusion step and every op at the default model's decode shapes (rows 1 and 8, bf16 and fp32),
+fusion step (and each stage of a kernel that spans several) and every op at the default
+model's decode shapes (rows 1 and 8, bf16 and fp32),
 then compiles each
 distinct launch (arguments' types, constexpr values, launch options) with Triton's NVIDIA
 backend and ptxas. On a GPU runner the real launches compile anyway: skipped there.
@@ -73,7 +74,8 @@ H, Hkv, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim
 for dtype in (torch.bfloat16, torch.float32):
     for rows in (1, 8):
         drawn = []
-        for f in registry.all_fusions():
+        # Every fusion, and each stage of one whose kernel spans several (launched alone).
+        for f in [g for f in registry.all_fusions() for g in (f, *f.stage_fusions())]:
             ops = span_ops(program, f)
             drawn.append((f, ops, draw_inputs(ops, c, rows, dtype, "cpu", generator)))
         singles = []
