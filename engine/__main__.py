@@ -4,6 +4,7 @@ checkpoint, and print prefill and decode tokens/s.
     python -m engine                                # default fusions, eager
     python -m engine --fusions none --cuda-graph    # every step unfused, CUDA graphs
     python -m engine --fusions o_proj_residual,add_rms_norm
+    python -m engine --fusions alt+mlp_block        # the default, the MLP block in one launch
     python -m engine --config engine/small_config.json   # the small architecture (CPU)
     torchrun --nproc-per-node 2 -m engine --tp 2    # tensor parallel over 2 processes
 
@@ -62,7 +63,8 @@ def _parse(argv):
     p.add_argument(
         "--fusions",
         default="default",
-        help="fusions to run: 'default', 'none' or comma-separated names "
+        help="fusions to run: 'default', 'none', a variant of one fusion f ('default-f'; "
+        "'alt+f', 'alt-f' for f outside the default) or comma-separated names "
         f"(registered: {', '.join(f.name for f in registry.all_fusions())}; with --tp > 1 "
         f"also {', '.join(f.name for f in tp.TP_FUSIONS)}, and not "
         "o_proj_residual, down_proj_residual)",

@@ -44,13 +44,36 @@ class FusionFlags:
 
     @classmethod
     def parse(cls, spec: str) -> FusionFlags:
-        """ "default", "none", or comma-separated fusion names (e.g. from the command line)."""
+        """ "default", "none", a variant of one fusion f ("default-f": the default without f;
+        "alt+f" / "alt-f", for f outside the default: the default without f's alternatives,
+        with and without f), or comma-separated fusion names (e.g. from the command line)."""
         spec = spec.strip()
         if spec == "default":
             return cls.default()
         if spec in ("none", ""):
             return cls.none()
+        for prefix in ("default-", "alt+", "alt-"):
+            if spec.startswith(prefix):
+                return cls._variant(prefix, registry.get(spec[len(prefix) :]))
         return cls(name.strip() for name in spec.split(",") if name.strip())
+
+    @classmethod
+    def _variant(cls, prefix: str, fusion: Fusion) -> FusionFlags:
+        default = cls.default().enabled
+        if prefix == "default-":
+            if fusion.name not in default:
+                raise ValueError(
+                    f"default-{fusion.name}: {fusion.name} is not a default fusion "
+                    f"(use alt+{fusion.name} or alt-{fusion.name})"
+                )
+            return cls(default - {fusion.name})
+        if fusion.name in default:
+            raise ValueError(
+                f"{prefix}{fusion.name}: {fusion.name} is a default fusion (use default or "
+                f"default-{fusion.name})"
+            )
+        base = {n for n in default if not registry.get(n).conflicts_with(fusion)}
+        return cls(base | {fusion.name} if prefix == "alt+" else base)
 
     @classmethod
     def from_arg(cls, flags: FusionFlags | str | None) -> FusionFlags | None:

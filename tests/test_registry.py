@@ -73,6 +73,21 @@ def test_alternatives_are_computed_and_refused_with_a_clear_error():
     assert flags.add_rms_norm and not flags.down_proj_residual
 
 
+def test_variants_of_one_fusion_parse_as_the_suite_measures_them():
+    """default-f, alt+f, alt-f from the command line: the same flags as the suite's variants
+    of those names (profiling.throughput), and a clear error for the wrong kind of fusion."""
+    variants = {v.name: v for v in throughput.variants_and_pairings()[0]}
+    for name in ("default-o_proj_residual", "alt+mlp_block", "alt-mlp_block", "alt+add_rms_norm"):
+        assert FusionFlags.parse(name) == variants[name].flags(), name
+    assert FusionFlags.parse("alt+mlp_block").mlp_block
+    with pytest.raises(ValueError, match="mlp_block is not a default fusion .use alt"):
+        FusionFlags.parse("default-mlp_block")
+    with pytest.raises(ValueError, match="o_proj_residual is a default fusion"):
+        FusionFlags.parse("alt+o_proj_residual")
+    with pytest.raises(ValueError, match="unknown fusion 'nope'"):
+        FusionFlags.parse("alt+nope")
+
+
 def test_unknown_fusion_names_list_the_registered_ones():
     with pytest.raises(ValueError, match="unknown fusion 'o_proj'; registered: o_proj_residual"):
         FusionFlags.parse("o_proj")
