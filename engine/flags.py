@@ -72,7 +72,7 @@ class FusionFlags:
                 f"{prefix}{fusion.name}: {fusion.name} is a default fusion (use default or "
                 f"default-{fusion.name})"
             )
-        base = {n for n in default if not registry.get(n).conflicts_with(fusion)}
+        base = without_alternatives(default, fusion)
         return cls(base | {fusion.name} if prefix == "alt+" else base)
 
     @classmethod
@@ -130,6 +130,11 @@ class FusionFlags:
 
     def __repr__(self) -> str:
         return f"FusionFlags({', '.join(self.key()) or 'none'})"
+
+
+def without_alternatives(names: Iterable[str], fusion: Fusion) -> frozenset[str]:
+    """``names`` less every alternative of ``fusion``: the base of its alt+f / alt-f variants."""
+    return frozenset(n for n in names if not registry.get(n).conflicts_with(fusion))
 
 
 def check_compatible(names: Iterable[str]) -> None:

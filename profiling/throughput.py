@@ -29,7 +29,7 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from engine import fusions as registry
-from engine.flags import FusionFlags
+from engine.flags import FusionFlags, without_alternatives
 from engine.program import Fusion
 from engine.timing import decode_rate
 from profiling.ranks import aligner
@@ -72,7 +72,7 @@ def variants_and_pairings(
             variants[off.name] = off
             pairings.append(Pairing(f.name, "default", off.name))
         else:
-            base = frozenset(g for g in default if not registry.get(g).conflicts_with(f))
+            base = without_alternatives(default, f)
             on, off = Variant(f"alt+{f.name}", base | {f.name}), Variant(f"alt-{f.name}", base)
             variants[on.name], variants[off.name] = on, off
             pairings.append(Pairing(f.name, on.name, off.name))
