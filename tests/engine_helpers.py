@@ -156,3 +156,18 @@ def compile_for_hopper(script: str, **env_extra: str):
         [sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
         timeout=600,
     )  # fmt: skip
+
+
+def swiglu_magnitude(x, norm_weight, gate_up_weight, eps):
+    """The size at which ulps of silu(g) * u are counted: each dot's sum of absolute terms
+    (|normed| @ |W|.T), carried to first order through silu(g) * u:  |silu'(g) u| *
+    sum|g terms| + |silu(g)| * sum|u terms| (float64)."""
+    from kernels.rms_norm_linear import rms_norm_float64
+
+    normed = rms_norm_float64(x, norm_weight, eps)
+    w = gate_up_weight.double()
+    g, u = (normed @ w.T).chunk(2, -1)
+    g_terms, u_terms = (normed.abs() @ w.abs().T).chunk(2, -1)
+    s = torch.sigmoid(g)
+    dsilu = s * (1 + g * (1 - s))
+    return (dsilu * u).abs() * g_terms + (g * s).abs() * u_terms

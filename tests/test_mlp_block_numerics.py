@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_helpers import DTYPES, assert_close_to_reference
+from engine_helpers import DTYPES, assert_close_to_reference, swiglu_magnitude
 
 from kernels import mlp_block as module
 from kernels.mlp_block import (
@@ -19,7 +19,6 @@ from kernels.mlp_block import (
     mlp_block_reference,
     reset_barrier,
 )
-from kernels.rms_norm_linear import rms_norm_float64
 from kernels.rms_norm_swiglu import rms_norm_swiglu_float64, rms_norm_swiglu_reference
 
 EPS = 1e-6
@@ -88,17 +87,12 @@ def test_each_stage_alone(dtype_name, device):
     dtype = DTYPES[dtype_name]
     residual, norm_weight, gate_up_weight, down_proj_weight = _inputs(4, INTER, K, dtype, device)
     act = mlp_block_gate_up(residual, norm_weight, gate_up_weight, EPS)
-    normed = rms_norm_float64(residual, norm_weight, EPS)
-    g, u = (normed @ gate_up_weight.double().T).chunk(2, -1)
-    magnitude = (normed.abs() @ gate_up_weight.double().abs().T).chunk(2, -1)[0] * (1 + u.abs()) + (
-        g * torch.sigmoid(g)
-    ).abs() * (normed.abs() @ gate_up_weight.double().abs().T).chunk(2, -1)[1]
     assert_close_to_reference(
         act,
         rms_norm_swiglu_reference(residual, norm_weight, gate_up_weight, EPS),
         rms_norm_swiglu_float64(residual, norm_weight, gate_up_weight, EPS),
         what=f"mlp_block stage gate_up {dtype_name}",
-        magnitude=magnitude,
+        magnitude=swiglu_magnitude(residual, norm_weight, gate_up_weight, EPS),
     )
     x = torch.randn(4, INTER, device=device).to(dtype)  # fresh: not stage 0's output
     got = residual.clone()

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_helpers import DTYPES, assert_close_to_reference
+from engine_helpers import DTYPES, assert_close_to_reference, swiglu_magnitude
 
 from kernels import gemv, tuning
 from kernels import rms_norm_swiglu as module
-from kernels.rms_norm_linear import rms_norm_float64
 from kernels.rms_norm_swiglu import (
     KERNEL,
     Config,
@@ -36,19 +35,6 @@ def _inputs(lead, i, k, dtype, device):
     return x, norm_weight, gate_up_weight
 
 
-def _magnitude(x, norm_weight, gate_up_weight):
-    """The size at which ulps are counted: each dot's sum of absolute terms (|normed| @ |W|.T),
-    carried to first order through silu(g) * u:  |silu'(g) u| * sum|g terms| +
-    |silu(g)| * sum|u terms| (float64)."""
-    normed = rms_norm_float64(x, norm_weight, EPS)
-    w = gate_up_weight.double()
-    g, u = (normed @ w.T).chunk(2, -1)
-    g_terms, u_terms = (normed.abs() @ w.abs().T).chunk(2, -1)
-    s = torch.sigmoid(g)
-    dsilu = s * (1 + g * (1 - s))
-    return (dsilu * u).abs() * g_terms + (g * s).abs() * u_terms
-
-
 def _nan_out(x, gate_up_weight):
     shape = (*x.shape[:-1], gate_up_weight.shape[0] // 2)
     return torch.full(shape, float("nan"), dtype=x.dtype, device=x.device)
@@ -60,7 +46,7 @@ def _check(got, x, norm_weight, gate_up_weight, what):
         rms_norm_swiglu_reference(x, norm_weight, gate_up_weight, EPS),
         rms_norm_swiglu_float64(x, norm_weight, gate_up_weight, EPS),
         what=what,
-        magnitude=_magnitude(x, norm_weight, gate_up_weight),
+        magnitude=swiglu_magnitude(x, norm_weight, gate_up_weight, EPS),
     )
 
 
