@@ -42,13 +42,19 @@ def _logs(rng: random.Random, shift: float, sd: float, n: int) -> list[float]:
 @pytest.mark.parametrize(
     ("kind", "shift"), [("kernel_ratio", 0.03), ("tok_s", -0.02), ("speedup", -0.02)]
 )
-def test_a_planted_slowdown_comes_out_slower(kind, shift):
-    rng = random.Random()
-    effects = []
+def test_a_planted_slowdown_comes_out_slower(kind, shift, seeded_rng):
+    """200 simulated A/Bs of 5 pairs at 0.4% noise a process. A 2% tok/s or speed-up change
+    misses "slower" in about 1 A/B of 4,000 at this noise (simulated: 2.5e-4 and 1.5e-4 a
+    trial; 0 for a 3% kernel ratio), so one miss in 200 happens in ~5% of runs: at most one
+    is allowed (two or more: ~0.1% of runs). The draws follow the run's printed seed."""
+    rng = random.Random(seeded_rng)
+    effects, missed = [], []
     for _ in range(200):
         e = estimate("f", kind, _logs(rng, shift, 0.004, 5))
-        assert e.verdict == "slower", e
+        if e.verdict != "slower":
+            missed.append(e)
         effects.append(e.effect)
+    assert len(missed) <= 1, missed
     assert sum(effects) / len(effects) == pytest.approx(shift, abs=0.001)
 
 
